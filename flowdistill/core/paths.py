@@ -1,0 +1,178 @@
+"""Affine probability paths ``x_t = α(t)·x + σ(t)·ε`` with ``t`` the noise level.
+
+``α(0) = 1, σ(0) = 0`` (data) and ``α(1) = 0, σ(1) = 1`` (noise). A path owns α, σ, their
+time derivatives and the conversions between velocity, data (x0) and noise (ε) predictions:
+
+    v  = α'·x0 + σ'·ε
+    x0 = (σ'·x_t − σ·v) / (σ'·α − σ·α')
+    ε  = (α·v − α'·x_t) / (σ'·α − σ·α')
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from flowdistill import kernels
+from flowdistill.core.registry import Registry
+
+
+def _col(c: Tensor, like: Tensor) -> Tensor:
+    return c.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+class AffinePath:
+    """Base class: subclasses define ``alpha``, ``sigma``, ``d_alpha`` and ``d_sigma`` on ``t [B]``."""
+
+    name = "affine"
+
+    def alpha(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Data coefficient α(t)."""
+        raise NotImplementedError
+
+    def sigma(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Noise coefficient σ(t)."""
+        raise NotImplementedError
+
+    def d_alpha(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """dα/dt."""
+        raise NotImplementedError
+
+    def d_sigma(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """dσ/dt."""
+        raise NotImplementedError
+
+    def sample_and_target(self, x: Tensor, eps: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_t, v)`` with ``x_t = α x + σ ε`` and the conditional velocity ``v = α' x + σ' ε``."""
+        return kernels.affine_sample_and_target(
+            x, eps, self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)
+        )
+
+    def sample(self, x: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """``x_t = α(t)·x + σ(t)·ε``."""
+        return _col(self.alpha(t), x) * x + _col(self.sigma(t), x) * eps
+
+    def _det(self, t: Tensor) -> Tensor:
+        return self.d_sigma(t) * self.alpha(t) - self.sigma(t) * self.d_alpha(t)
+
+    def velocity_to_x0(self, x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:
+        """Data prediction from a velocity."""
+        det = self._det(t)
+        return _col(self.d_sigma(t) / det, x_t) * x_t - _col(self.sigma(t) / det, x_t) * v
+
+    def velocity_to_eps(self, x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:
+        """Noise prediction from a velocity."""
+        det = self._det(t)
+        return _col(self.alpha(t) / det, x_t) * v - _col(self.d_alpha(t) / det, x_t) * x_t
+
+    def x0_to_velocity(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """Velocity from a data prediction (``ε = (x_t − α x0)/σ``)."""
+        a, s = _col(self.alpha(t), x_t), _col(self.sigma(t), x_t)
+        eps = (x_t - a * x0) / s
+        return _col(self.d_alpha(t), x_t) * x0 + _col(self.d_sigma(t), x_t) * eps
+
+    def eps_to_velocity(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Velocity from a noise prediction (``x0 = (x_t − σ ε)/α``)."""
+        a, s = _col(self.alpha(t), x_t), _col(self.sigma(t), x_t)
+        x0 = (x_t - s * eps) / a
+        return _col(self.d_alpha(t), x_t) * x0 + _col(self.d_sigma(t), x_t) * eps
+
+    def vpred_to_velocity(self, x_t: Tensor, vp: Tensor, t: Tensor) -> Tensor:
+        """Velocity from a diffusion "v-prediction" ``α ε − σ x0`` (for α² + σ² = 1 paths)."""
+        a, s = _col(self.alpha(t), x_t), _col(self.sigma(t), x_t)
+        x0 = a * x_t - s * vp
+        eps = s * x_t + a * vp
+        return _col(self.d_alpha(t), x_t) * x0 + _col(self.d_sigma(t), x_t) * eps
+
+
+class LinearPath(AffinePath):
+    """Rectified path ``x_t = (1 − t)·x + t·ε``, ``v = ε − x``."""
+
+    name = "linear"
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1 - t
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return t
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return -torch.ones_like(t)
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def sample_and_target(self, x: Tensor, eps: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_t, ε − x)`` in one fused pass."""
+        return kernels.linear_sample_and_target(x, eps, t)
+
+
+class CosinePath(AffinePath):
+    """Trigonometric path ``α = cos(πt/2)``, ``σ = sin(πt/2)``."""
+
+    name = "cosine"
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.cos(0.5 * math.pi * t)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sin(0.5 * math.pi * t)
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+
+
+class DiscreteVPPath(AffinePath):
+    """Variance-preserving path of a discrete DDPM schedule.
+
+    Step ``k ∈ {0, …, K−1}`` sits at ``t = (k + 1)/K``; ``α = √ᾱ``, ``σ = √(1 − ᾱ)`` are linearly
+    interpolated in ``t`` between steps (with ``α(0) = 1, σ(0) = 0``), so derivatives are
+    piecewise constant. ``α(1) = √ᾱ_{K−1}`` is small but not zero, as in the trained teacher.
+    """
+
+    name = "vp"
+
+    def __init__(self, alphas_cumprod: Tensor):
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if ac.ndim != 1 or ac.numel() < 2 or (ac <= 0).any() or (ac > 1).any():
+            raise ValueError("alphas_cumprod must be a 1-D tensor in (0, 1] with >= 2 entries")
+        self.K = ac.numel()
+        self._a = torch.cat([torch.ones(1, dtype=ac.dtype), ac.sqrt()])
+        self._s = torch.cat([torch.zeros(1, dtype=ac.dtype), (1 - ac).sqrt()])
+
+    def _interp(self, table: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        pos = t.double().clamp(0, 1) * self.K
+        i0 = pos.floor().long().clamp(max=self.K - 1)
+        frac = pos - i0
+        lo, hi = table[i0], table[i0 + 1]
+        return (lo + frac * (hi - lo)).to(t.dtype), ((hi - lo) * self.K).to(t.dtype)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self._interp(self._a, t)[0]
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self._interp(self._s, t)[0]
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return self._interp(self._a, t)[1]
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        return self._interp(self._s, t)[1]
+
+    def timestep_to_t(self, k: Tensor) -> Tensor:
+        """Discrete DDPM step index → our time ``t = (k + 1)/K``."""
+        return (k.double() + 1) / self.K
+
+    def t_to_timestep(self, t: Tensor) -> Tensor:
+        """Our time → (fractional) DDPM step index."""
+        return t.double() * self.K - 1
+
+
+PATHS: Registry = Registry("path")
+PATHS.register("linear")(LinearPath)
+PATHS.register("cosine")(CosinePath)

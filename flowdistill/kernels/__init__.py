@@ -1,0 +1,30 @@
+"""Fused elementwise ops for the sampling and training hot paths.
+
+The public functions here dispatch to Triton kernels on CUDA tensors (when Triton imports) and to
+the torch reference in :mod:`flowdistill.kernels.reference` otherwise. ``FLOWDISTILL_KERNELS``
+(``auto`` | ``torch`` | ``triton``) overrides the choice.
+"""
+
+from flowdistill.kernels.dispatch import (
+    affine_sample_and_target,
+    backend,
+    cfg_combine,
+    ema_update_,
+    euler_step,
+    flow_map_jump,
+    guided_euler_step,
+    lincomb,
+    linear_sample_and_target,
+)
+
+__all__ = [
+    "affine_sample_and_target",
+    "backend",
+    "cfg_combine",
+    "ema_update_",
+    "euler_step",
+    "flow_map_jump",
+    "guided_euler_step",
+    "lincomb",
+    "linear_sample_and_target",
+]
