@@ -55,7 +55,7 @@ class _Stepper:
         dts = [b - a for a, b in zip(g[:-1], g[1:], strict=True)]
         traj = [x] if return_trajectory else None
         for i, dt in enumerate(dts):
-            x = self.step(field, x, tvec[i], tvec[i + 1], dt, cond)
+            x = self.step(field, x, tvec[i], tvec[i + 1], dt, cond=cond)
             if traj is not None:
                 traj.append(x)
         return SolveResult(x, self.evals_per_step * len(dts), traj, ts.tolist())
@@ -66,7 +66,7 @@ class Euler(_Stepper):
     """Explicit Euler: ``x_{n+1} = x_n + h·v(x_n, t_n)`` (order 1)."""
 
     def step(self, field, x, t, s, dt, cond):
-        return kernels.euler_step(x, field(x, t, cond), dt)
+        return kernels.euler_step(x, field(x, t, cond=cond), dt)
 
 
 @SOLVERS.register("midpoint")
@@ -76,9 +76,9 @@ class Midpoint(_Stepper):
     evals_per_step = 2
 
     def step(self, field, x, t, s, dt, cond):
-        k1 = field(x, t, cond)
+        k1 = field(x, t, cond=cond)
         xm = kernels.euler_step(x, k1, 0.5 * dt)
-        return kernels.euler_step(x, field(xm, 0.5 * (t + s), cond), dt)
+        return kernels.euler_step(x, field(xm, 0.5 * (t + s), cond=cond), dt)
 
 
 @SOLVERS.register("heun")
@@ -88,9 +88,9 @@ class Heun(_Stepper):
     evals_per_step = 2
 
     def step(self, field, x, t, s, dt, cond):
-        k1 = field(x, t, cond)
+        k1 = field(x, t, cond=cond)
         xe = kernels.euler_step(x, k1, dt)
-        k2 = field(xe, s, cond)
+        k2 = field(xe, s, cond=cond)
         return kernels.lincomb(x, [k1, k2], [0.5 * dt, 0.5 * dt])
 
 
@@ -102,10 +102,10 @@ class RK4(_Stepper):
 
     def step(self, field, x, t, s, dt, cond):
         tm = 0.5 * (t + s)
-        k1 = field(x, t, cond)
-        k2 = field(kernels.euler_step(x, k1, 0.5 * dt), tm, cond)
-        k3 = field(kernels.euler_step(x, k2, 0.5 * dt), tm, cond)
-        k4 = field(kernels.euler_step(x, k3, dt), s, cond)
+        k1 = field(x, t, cond=cond)
+        k2 = field(kernels.euler_step(x, k1, 0.5 * dt), tm, cond=cond)
+        k3 = field(kernels.euler_step(x, k2, 0.5 * dt), tm, cond=cond)
+        k4 = field(kernels.euler_step(x, k3, dt), s, cond=cond)
         return kernels.lincomb(x, [k1, k2, k3, k4], [dt / 6, dt / 3, dt / 3, dt / 6])
 
 
@@ -155,7 +155,7 @@ class Dopri5:
             nonlocal nfe
             nfe += 1
             tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            return field(xx, torch.full((B,), tt, device=x.device, dtype=tdtype), cond)
+            return field(xx, torch.full((B,), tt, device=x.device, dtype=tdtype), cond=cond)
 
         k1 = f(x, t)
         # Initial step (Hairer–Wanner II.4): h0 from the size of x and its derivative.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -116,3 +117,25 @@ def _check_steps(n: int) -> None:
 def build_grid(name: str, n: int, device="cpu", dtype=torch.float32, **kw) -> Tensor:
     """A registered time grid by name."""
     return TIME_GRIDS.get(name)(n, device=device, dtype=dtype, **kw)
+
+
+@dataclass
+class TimeSamplerConfig:
+    """Names a registered training time sampler and its parameters."""
+
+    name: str = "uniform"
+    t_min: float = 0.0
+    t_max: float = 1.0
+    mean: float = 0.0  # logit_normal
+    std: float = 1.0  # logit_normal
+    shift: float = 3.0  # shifted
+    a: float = 4.0  # u_shaped
+
+    def build(self) -> TimeSampler:
+        """Instantiate the named sampler with the parameters it takes."""
+        cls = TIME_SAMPLERS.get(self.name)
+        kw: dict = {"t_min": self.t_min, "t_max": self.t_max}
+        extra = {"logit_normal": {"mean": self.mean, "std": self.std}, "shifted": {"shift": self.shift},
+                 "u_shaped": {"a": self.a}}
+        kw.update(extra.get(self.name, {}))
+        return cls(**kw)

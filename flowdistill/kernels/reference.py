@@ -18,9 +18,10 @@ Coef = Tensor | float
 def bcast(c: Coef, like: Tensor) -> Tensor | float:
     """Broadcast a per-sample coefficient ``[B]`` against ``like`` ``[B, ...]``."""
     if isinstance(c, Tensor):
+        dt = torch.float64 if like.dtype == torch.float64 else torch.float32
         if c.ndim == 0:
-            return c.to(torch.float32)
-        return c.to(torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
+            return c.to(dt)
+        return c.to(dt).reshape(-1, *([1] * (like.ndim - 1)))
     return float(c)
 
 

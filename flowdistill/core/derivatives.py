@@ -1,0 +1,55 @@
+"""Directional (time) derivatives of a network output: forward-mode JVP or finite differences.
+
+Several methods need ``d/dτ f(p + τ·d)`` at ``τ = 0`` for inputs ``p`` (state, times) and a
+tangent ``d`` (e.g. ``∂_s u(x, t, s)`` is the tangent ``(0, 0, 1)``). ``method="jvp"`` uses
+``torch.func.jvp`` on the *unwrapped* module (DDP wrappers are peeled off) under the math
+attention backend, since fused attention kernels have no forward-mode rule; ``method="fd"``
+uses a central difference with step ``h`` and no graph. Both return ``(f(p), derivative)``
+with the derivative detached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Peel DDP/compile wrappers (``.module`` / ``._orig_mod``)."""
+    while True:
+        if hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except Exception:  # pragma: no cover - older torch
+        return nullcontext()
+
+
+def directional_derivative(fn: Callable[..., Tensor], primals: Sequence[Tensor],
+                           tangents: Sequence[Tensor | None], method: str = "jvp",
+                           h: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """``(fn(*primals), d/dτ fn(primals + τ·tangents))``; ``None`` tangents are zero."""
+    tangents = [torch.zeros_like(p) if d is None else d.to(p.dtype) for p, d in zip(primals, tangents,
+                                                                                     strict=True)]
+    if method == "jvp":
+        with _math_attention():
+            out, d = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+        return out, d.detach()
+    if method == "fd":
+        with torch.no_grad():
+            plus = fn(*[p + h * d for p, d in zip(primals, tangents, strict=True)])
+            minus = fn(*[p - h * d for p, d in zip(primals, tangents, strict=True)])
+        return fn(*primals), (plus - minus) / (2 * h)
+    raise ValueError(f"derivative method must be 'jvp' or 'fd', got {method!r}")

@@ -1,0 +1,42 @@
+"""Flow maps ``X(x, t, s) = x + (s − t)·u(x, t, s)`` and their few-step sampler (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowdistill import kernels
+from flowdistill.core.timesteps import build_grid
+
+
+class AverageVelocityMap(nn.Module):
+    """Turns a two-time network ``u(x, t, s)`` into a :class:`~flowdistill.core.protocols.FlowMap`."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``X(x, t, s) = x + (s − t)·u(x, t, s)``."""
+        return kernels.flow_map_jump(x, self.net(x, t, s, cond=cond), t, s)
+
+
+def flow_map_jump(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+    """One jump of a two-time average-velocity network from ``t`` to ``s``."""
+    return kernels.flow_map_jump(x, net(x, t, s, cond=cond), t, s)
+
+
+@torch.no_grad()
+def sample_flow_map(net: nn.Module, noise: Tensor, steps: int, grid: str = "uniform",
+                    cond: Tensor | None = None, return_trajectory: bool = False, **grid_kw):
+    """``steps`` jumps edge to edge along a time grid from ``t = 1`` to ``0`` (one NFE each)."""
+    g = build_grid(grid, steps, device=noise.device, **grid_kw)
+    B = noise.shape[0]
+    x = noise
+    traj = [x] if return_trajectory else None
+    for i in range(steps):
+        t, s = g[i].expand(B), g[i + 1].expand(B)
+        x = flow_map_jump(net, x, t, s, cond)
+        if traj is not None:
+            traj.append(x)
+    return (x, traj) if return_trajectory else x

@@ -1,0 +1,14 @@
+"""Distillers: one file per method, registered by name (DESIGN.md §3)."""
+
+from flowdistill.distillers import flow_matching  # noqa: F401  (registers)
+from flowdistill.distillers.base import (
+    DISTILLERS,
+    Distiller,
+    DistillerConfig,
+    OptimGroup,
+    build_distiller,
+    register_distiller,
+)
+
+__all__ = ["DISTILLERS", "Distiller", "DistillerConfig", "OptimGroup", "build_distiller",
+           "register_distiller"]

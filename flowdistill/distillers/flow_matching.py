@@ -1,0 +1,85 @@
+"""Plain flow matching — the identity distiller, which trains teachers (METHODS.md §0).
+
+    L = E_{x, ε, t} ‖v_θ(x_t, t, c) − (ε − x)‖²,   x_t = (1 − t)·x + t·ε
+
+(for a general affine path the target is ``α'(t)·x + σ'(t)·ε``), with ``t`` from a registered
+time sampler and condition dropout so the model also learns the unconditional field for CFG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from flowdistill.core.guidance import drop_condition
+from flowdistill.core.losses import premetric
+from flowdistill.core.paths import PATHS
+from flowdistill.core.rng import StepRNG
+from flowdistill.core.sampling import guided, sample_velocity
+from flowdistill.core.timesteps import TimeSamplerConfig
+from flowdistill.distillers.base import Distiller, DistillerConfig, check_names, register_distiller
+from flowdistill.errors import ConfigError
+
+
+@dataclass
+class FlowMatchingConfig(DistillerConfig):
+    """Flow-matching (teacher training) options."""
+
+    name: str = "flow_matching"
+    path: str = "linear"
+    time_sampler: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
+    loss: str = "l2"
+    cond_dropout: float = 0.1
+    sample_solver: str = "euler"
+    sample_grid: str = "uniform"
+    guidance_scale: float = 1.0
+
+    def validate(self) -> None:
+        """Every named component must be registered; dropout in [0, 1]."""
+        check_names(path=self.path, loss=self.loss, solver=self.sample_solver, grid=self.sample_grid)
+        self.time_sampler.build()
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ConfigError(f"distiller.cond_dropout must be in [0, 1], got {self.cond_dropout}")
+
+
+@register_distiller("flow_matching")
+class FlowMatching(Distiller):
+    """Trains ``student`` as a velocity field by conditional flow matching."""
+
+    Config = FlowMatchingConfig
+    needs_data = True
+    needs_teacher = False
+
+    def __init__(self, cfg: FlowMatchingConfig, student: nn.Module, teacher: nn.Module | None = None):
+        super().__init__(cfg, student, teacher)
+        self.path = PATHS.build(cfg.path)
+        self.time_sampler = cfg.time_sampler.build()
+        self.premetric = premetric(cfg.loss)
+        self.num_classes = int(getattr(getattr(student, "config", None), "num_classes", 0) or 0)
+
+    def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
+        """Conditional flow-matching loss on a data batch."""
+        x = batch["x"]
+        b = x.shape[0]
+        eps = rng.randn(b, *x.shape[1:]).to(x.dtype)
+        t = rng.times(self.time_sampler, b).to(x.dtype)
+        cond = batch.get("cond")
+        u = rng.rand(b)
+        if cond is not None and self.num_classes > 0:
+            cond = drop_condition(cond, self.cfg.cond_dropout, self.num_classes, u)
+        x_t, target = self.path.sample_and_target(x, eps, t)
+        v = self.student(x_t, t, cond=cond)
+        loss = self.premetric(v, target).mean()
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, nfe: int, cond: Tensor | None = None,
+               model: nn.Module | None = None, solver: str | None = None) -> Tensor:
+        """Solve the learned ODE from ``t = 1`` with ``nfe`` evaluations."""
+        net = model if model is not None else self.student
+        f = guided(net, self.cfg.guidance_scale if cond is not None else 1.0,
+                   self.num_classes if self.num_classes else None)
+        return sample_velocity(f, noise, nfe, solver or self.cfg.sample_solver, self.cfg.sample_grid,
+                               cond=cond).x

@@ -1,0 +1,30 @@
+"""Small configs and utilities shared by tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_TEACHER = [
+    "model.name=mlp", "model.params.hidden=64", "model.params.depth=2",
+    "data.name=checkerboard", "train.batch_size=256", "train.lr=1e-3", "train.log_every=5",
+    "train.ema_decay=0.99", "train.lr_schedule=cosine",
+]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -m flowdistill.cli ARGS`` and capture its output."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "flowdistill.cli", *args], capture_output=True,
+                          text=True, env=e, timeout=timeout, cwd=REPO, **kw)
+
+
+def student_weights(run_dir: Path) -> dict:
+    """The exported student's tensors."""
+    return load_file(str(Path(run_dir) / "student" / "diffusion_pytorch_model.safetensors"))
