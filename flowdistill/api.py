@@ -69,6 +69,7 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
     """Student (and teacher, when the method needs one) and the distiller around them."""
     cls = DISTILLERS.get(cfg.distiller.name)
     two_time = bool(getattr(cls, "student_two_time", False))
+    torch.manual_seed(cfg.train.seed)  # same initial weights in every process and every run
     teacher = None
     if cls.needs_teacher:
         if not cfg.teacher:

@@ -1,6 +1,9 @@
 """Distillers: one file per method, registered by name (DESIGN.md §3)."""
 
-from flowdistill.distillers import flow_matching  # noqa: F401  (registers)
+from flowdistill.distillers import (
+    flow_matching,  # noqa: F401  (registers)
+    freeflow,  # noqa: F401  (registers)
+)
 from flowdistill.distillers.base import (
     DISTILLERS,
     Distiller,

@@ -33,7 +33,10 @@ def lincomb(x: Tensor, terms: Sequence[Tensor], coefs: Sequence[Coef]) -> Tensor
     """``x + Σ_i c_i · k_i``: Euler, Heun and Runge–Kutta stage combinations in one expression."""
     out = _f32(x)
     for k, c in zip(terms, coefs, strict=True):
-        out = out + bcast(c, x) * _f32(k)
+        if isinstance(c, Tensor):
+            out = torch.addcmul(out, bcast(c, x), _f32(k))
+        else:  # one fused axpy for a scalar step
+            out = torch.add(out, _f32(k), alpha=float(c))
     return out.to(x.dtype)
 
 

@@ -1,0 +1,322 @@
+"""FreeFlow: data-free flow-map distillation ("Flow Map Distillation Without Data", Tong et al.,
+arXiv 2511.19428), METHODS.md §1, in the project's convention (``t`` = noise level, generation
+``1 → 0``, ``X(x, t, s) = x + (s − t)·u(x, t, s)``).
+
+The student is a two-time average-velocity net ``u_θ(x, t, s)`` started from the teacher
+(``u(x, t, s) = v_T(x, t)`` at initialisation). It never sees data: every batch is prior noise
+``ε ~ N(0, I)`` (and random class labels for a conditional teacher).
+
+**Prediction.** Along the exact flow map, ``d/ds X(x, t, s) = v_T(X(x, t, s), s)``, i.e.
+
+    u(x, t, s) + (s − t)·∂_s u(x, t, s) = v_T(X(x, t, s), s),
+
+so the student regresses its own average velocity onto a stop-gradient target,
+
+    L_pred = E ‖u_θ(x_t, t, s) − sg[ v_T(X_θ(x_t, t, s), s) − (s − t)·∂_s u_θ(x_t, t, s) ]‖².
+
+``∂_s u`` is a derivative in the scalar ``s`` only (tangent 1 on ``s``), taken by forward-mode
+JVP or a central finite difference (``derivative``). At ``t = 1``, ``x_t = ε`` and ``δ = 1 − s``
+this is FreeFlow's ``F + δ·∂_δF = v_T(f(ε, δ), 1 − δ)`` with ``F(ε, δ) = u(ε, 1, 1 − δ)``.
+Target times: ``s = t − δ``, ``δ = t·(1 − U)`` uniform on ``(0, t]``, with a share
+``s_zero_share`` put exactly at ``s = 0`` (the jump that sampling uses; the paper's "share at
+``δ = 1``").
+
+*Beyond the paper* (``multi_start``): a share ``multi_start_share`` of the batch starts at
+``t ~ U(t_min, 1)`` from a point on the student's own path, ``x_t = sg(X_θ(ε, 1, t))`` (one
+no-grad student jump — still data-free), and applies the same identity from there. This trains the
+map from intermediate times, which is what 2-, 4-, … step sampling uses, and keeps it
+consistent with the one-jump path.
+
+**Correction** (distribution matching on the student's samples, DMD-style; ``core.dmd``).
+``x̂ = X_θ(ε, 1, 0)`` with gradient, ``x_r = (1 − r)·sg(x̂) + r·n`` with ``r`` from ``r_sampler``
+and fresh ``n``; ``v_real`` is the (guided) teacher and ``v_fake`` a fake-velocity net ``ψ``
+(a trainable copy of the teacher). ``g = λ(r)·(v_real − v_fake)`` (DMD's per-sample
+normaliser ``λ``), ``L_corr = ½‖x̂ − sg(x̂ − g)‖²``, whose gradient at ``x̂`` is ``g``: descending
+it moves ``x̂`` along ``v_fake − v_real`` ∝ ``E_real[x₀|x_r] − E_fake[x₀|x_r]``, toward the
+teacher's marginal. ``ψ`` learns the student's noising flow by flow matching on ``sg(x̂)``,
+``L_ψ = ‖v_ψ(x_r, r) − (n − sg(x̂))‖²``, in its own optimiser group ``"fake"`` that runs
+``fake_repeats`` times before every student step (two time scales).
+
+**Balancing** (open in the paper; decided here). Both gradients are known in closed form at the
+network output: ``∂L_pred/∂u = 2·w_pred·(u − target)/N_pred`` and ``∂L_corr/∂x̂ = g/N_corr``
+(``x̂ = ε − u(ε, 1, 0)``, so at the network output the sign flips and the norm is the same). The
+correction is scaled by the detached factor
+
+    κ = correction_fraction · RMS(∂L_pred/∂u) / RMS(∂L_corr/∂x̂),
+
+so its gradient at the student output is a fixed fraction of the prediction's. The factor
+follows the prediction loss down as training converges, so the correction never dominates; with
+``mode="correction"`` (ablation) there is no prediction gradient to compare with and ``κ = 1``.
+The correction is switched on at step ``correction_warmup`` (``ψ`` trains from step 0, so it
+tracks the student before it is used).
+
+Sampling: ``nfe`` jumps edge to edge on a uniform grid from ``t = 1`` to ``0``
+(:func:`~flowdistill.core.flowmap.sample_flow_map`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from flowdistill.core.derivatives import directional_derivative
+from flowdistill.core.dmd import dm_gradient, dm_surrogate_loss, fake_velocity_target, renoise
+from flowdistill.core.flowmap import flow_map_jump, sample_flow_map
+from flowdistill.core.rng import StepRNG
+from flowdistill.core.sampling import guided
+from flowdistill.core.timesteps import TimeSamplerConfig
+from flowdistill.distillers.base import (
+    Distiller,
+    DistillerConfig,
+    OptimGroup,
+    check_names,
+    register_distiller,
+)
+from flowdistill.errors import ConfigError
+
+MODES = ("both", "prediction", "correction")
+
+
+def _r_sampler_default() -> TimeSamplerConfig:
+    return TimeSamplerConfig(name="uniform", t_min=0.02, t_max=0.98)
+
+
+@dataclass
+class FreeFlowConfig(DistillerConfig):
+    """FreeFlow options (see the module docstring for the maths)."""
+
+    name: str = "freeflow"
+    mode: str = "both"  # both | prediction | correction (ablations)
+    # prediction
+    derivative: str = "jvp"  # jvp | fd  (∂_s u)
+    fd_step: float = 1e-3
+    prediction_weight: float = 1.0
+    adaptive_p: float = 1.0  # per-sample weight 1/sg(‖Δ‖²/D + c)^p (0 = plain L2)
+    adaptive_c: float = 1e-3
+    s_zero_share: float = 0.25  # share of the batch with s = 0 (δ = t)
+    multi_start: bool = True  # beyond the paper: start times along the student's own path
+    multi_start_share: float = 0.5  # share of the batch that starts at t < 1
+    t_min: float = 0.05  # multi-start times t ~ U(t_min, 1)
+    # correction
+    correction: bool = True
+    correction_fraction: float = 0.1
+    correction_warmup: int = 0
+    dm_normalize: bool = True
+    r_sampler: TimeSamplerConfig = field(default_factory=_r_sampler_default)
+    fake_repeats: int = 2
+    fake_lr_scale: float = 1.0
+    # conditioning / guidance
+    guidance_scale: float = 1.0
+    uncond_share: float = 0.1  # conditional teachers: share of null labels in the prior batch
+    sample_grid: str = "uniform"
+
+    def validate(self) -> None:
+        """Names and ranges up front, each error naming its key."""
+        if self.mode not in MODES:
+            raise ConfigError(f"distiller.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.derivative not in ("jvp", "fd"):
+            raise ConfigError(f"distiller.derivative must be 'jvp' or 'fd', got {self.derivative!r}")
+        if not self.fd_step > 0:
+            raise ConfigError(f"distiller.fd_step must be positive, got {self.fd_step}")
+        for key in ("s_zero_share", "multi_start_share", "uncond_share"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"distiller.{key} must be in [0, 1], got {v}")
+        if not 0.0 <= self.t_min < 1.0:
+            raise ConfigError(f"distiller.t_min must be in [0, 1), got {self.t_min}")
+        if self.adaptive_p < 0 or not self.adaptive_c > 0:
+            raise ConfigError("distiller.adaptive_p must be >= 0 and distiller.adaptive_c positive")
+        if self.prediction_weight < 0 or self.correction_fraction < 0:
+            raise ConfigError("distiller.prediction_weight and distiller.correction_fraction must be >= 0")
+        if self.correction_warmup < 0:
+            raise ConfigError(f"distiller.correction_warmup must be >= 0, got {self.correction_warmup}")
+        if self.fake_repeats < 1:
+            raise ConfigError(f"distiller.fake_repeats must be >= 1, got {self.fake_repeats}")
+        if not self.fake_lr_scale > 0:
+            raise ConfigError(f"distiller.fake_lr_scale must be positive, got {self.fake_lr_scale}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"distiller.guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.mode == "correction" and not self.correction:
+            raise ConfigError("distiller.mode='correction' needs distiller.correction=true")
+        check_names(grid=self.sample_grid)
+        try:
+            self.r_sampler.build()
+        except ValueError as e:
+            raise ConfigError(f"distiller.r_sampler: {e}") from None
+
+    @property
+    def uses_prediction(self) -> bool:
+        """Whether the prediction loss is on."""
+        return self.mode in ("both", "prediction")
+
+    @property
+    def uses_correction(self) -> bool:
+        """Whether the correction loss (and the fake net) is on."""
+        return self.correction and self.mode in ("both", "correction")
+
+
+def _rms(x: Tensor) -> Tensor:
+    return x.detach().pow(2).mean().sqrt()
+
+
+@register_distiller("freeflow")
+class FreeFlow(Distiller):
+    """Data-free flow-map distillation of a velocity teacher into a two-time student."""
+
+    Config = FreeFlowConfig
+    needs_data = False
+    needs_teacher = True
+    student_two_time = True
+
+    def __init__(self, cfg: FreeFlowConfig, student: nn.Module, teacher: nn.Module | None = None):
+        super().__init__(cfg, student, teacher)
+        scfg = getattr(student, "config", None)
+        if scfg is not None and not getattr(scfg, "two_time", True):
+            raise ConfigError("freeflow needs a two-time student u(x, t, s) (model two_time=true)")
+        self.num_classes = int(getattr(scfg, "num_classes", 0) or 0)
+        self.r_sampler = cfg.r_sampler.build()
+        # ψ: the fake-velocity net, a trainable one-time copy of the teacher. Part of the trainable
+        # (checkpointed) state, never of the exported student. No teacher (inference) → no ψ.
+        self.fake: nn.Module | None = None
+        if teacher is not None and cfg.uses_correction:
+            self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
+
+    # -- parameter groups --------------------------------------------------------------
+    def optim_groups(self, lr: float) -> list[OptimGroup]:
+        """``"fake"`` (ψ, ``fake_repeats`` updates per step) first, then ``"student"``."""
+        groups = []
+        if self.fake is not None:
+            groups.append(OptimGroup("fake", [p for p in self.fake.parameters() if p.requires_grad],
+                                     lr * self.cfg.fake_lr_scale, repeats=self.cfg.fake_repeats))
+        groups.append(OptimGroup("student", [p for p in self.student.parameters() if p.requires_grad], lr))
+        return groups
+
+    # -- batches -----------------------------------------------------------------------
+    def prior_batch(self, rng: StepRNG, local_batch: int, sample_shape: tuple[int, ...]) -> dict[str, Tensor]:
+        """Noise, plus random labels (a share of them null) for a conditional teacher."""
+        batch = {"noise": rng.randn(local_batch, *sample_shape)}
+        if self.num_classes > 0:
+            labels = rng.randint(self.num_classes, local_batch)
+            null = rng.rand(local_batch) < self.cfg.uncond_share
+            batch["cond"] = torch.where(null.to(labels.device), torch.full_like(labels, self.num_classes),
+                                        labels)
+        return batch
+
+    def _v_real(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """The (guided) teacher velocity; built per call so the wrapper holds no state."""
+        field = guided(self.teacher, self.cfg.guidance_scale if cond is not None else 1.0,
+                       self.num_classes if self.num_classes else None)
+        return field(x, t, cond=cond)
+
+    @staticmethod
+    def _bt(t: Tensor, x: Tensor) -> Tensor:
+        return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+    # -- losses ------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
+        """``group="fake"``: ψ's flow-matching loss; ``group="student"``: prediction + correction."""
+        if group == "fake":
+            return self._fake_loss(batch, rng)
+        if group != "student":
+            raise ValueError(f"freeflow has groups 'fake' and 'student', got {group!r}")
+        eps, cond = batch["noise"], batch.get("cond")
+        out: dict[str, Tensor] = {}
+        total = eps.new_zeros(())
+        grad_pred_rms = None
+        if self.cfg.uses_prediction:
+            l_pred, mse, grad_pred_rms = self._prediction(eps, cond, rng)
+            out["pred"] = l_pred.detach()
+            out["pred_mse"] = mse
+            total = total + self.cfg.prediction_weight * l_pred
+        if self.cfg.uses_correction and step >= self.cfg.correction_warmup:
+            l_corr, grad_corr_rms = self._correction(eps, cond, rng)
+            if grad_pred_rms is not None:
+                kappa = self.cfg.correction_fraction * grad_pred_rms / (grad_corr_rms + 1e-12)
+            else:
+                kappa = torch.ones((), device=eps.device)
+            out["corr"] = l_corr.detach()
+            out["corr_scale"] = kappa.detach()
+            total = total + kappa.detach() * l_corr
+        out["loss"] = total
+        return out
+
+    def _prediction(self, eps: Tensor, cond: Tensor | None, rng: StepRNG) -> tuple[Tensor, Tensor, Tensor]:
+        """``L_pred`` (weighted), its unweighted MSE, and the RMS of its gradient at ``u`` (closed
+        form, detached)."""
+        cfg = self.cfg
+        b = eps.shape[0]
+        ones = torch.ones(b, device=eps.device, dtype=eps.dtype)
+        u_start, u_delta, u_zero = rng.rand(b), rng.rand(b), rng.rand(b)
+        u_start, u_delta, u_zero = (v.to(eps.device, eps.dtype) for v in (u_start, u_delta, u_zero))
+        # start times: t = 1 (x_t = ε), or t ~ U(t_min, 1) on the student's own path
+        t = ones.clone()
+        x_t = eps
+        if cfg.multi_start and cfg.multi_start_share > 0:
+            inner = u_start < cfg.multi_start_share
+            t = torch.where(inner, cfg.t_min + (1 - cfg.t_min) * u_start / cfg.multi_start_share, ones)
+            with torch.no_grad():
+                jumped = flow_map_jump(self.student, eps, ones, t, cond)
+            x_t = torch.where(inner.reshape(-1, *([1] * (eps.ndim - 1))), jumped, eps).detach()
+        # target times s = t − δ, δ ~ U(0, t], a share exactly at s = 0
+        delta = t * (1 - u_delta)
+        s = torch.where(u_zero < cfg.s_zero_share, torch.zeros_like(t), t - delta).clamp_min(0.0)
+
+        def u_of_s(s_: Tensor) -> Tensor:
+            return self.student(x_t, t, s_, cond=cond)
+
+        u, du_ds = directional_derivative(u_of_s, (s,), (ones,), method=cfg.derivative, h=cfg.fd_step)
+        with torch.no_grad():
+            dt = self._bt(s - t, eps)
+            x_s = x_t + dt * u.detach()
+            target = self._v_real(x_s, s, cond) - dt * du_ds
+        diff = u - target
+        sq = diff.pow(2).reshape(b, -1).mean(dim=1)  # per-sample ‖Δ‖²/D
+        w = torch.ones_like(sq)
+        if cfg.adaptive_p > 0:  # MeanFlow-style robust weight 1/sg(‖Δ‖²/D + c)^p
+            w = (sq.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
+        l_pred = (w * sq).mean()
+        grad = 2 * cfg.prediction_weight * self._bt(w, diff) * diff.detach() / diff.numel()
+        return l_pred, sq.detach().mean(), _rms(grad)
+
+    def _correction(self, eps: Tensor, cond: Tensor | None, rng: StepRNG) -> tuple[Tensor, Tensor]:
+        """Raw ``L_corr`` (mean over the batch) and the RMS of its gradient at ``x̂``."""
+        b = eps.shape[0]
+        ones = torch.ones(b, device=eps.device, dtype=eps.dtype)
+        x_hat = flow_map_jump(self.student, eps, ones, torch.zeros_like(ones), cond)
+        r = rng.times(self.r_sampler, b).to(eps.device, eps.dtype)
+        n = rng.randn(b, *eps.shape[1:]).to(eps.device, eps.dtype)
+        with torch.no_grad():
+            x_r = renoise(x_hat.detach(), r, n)
+            v_real = self._v_real(x_r, r, cond)
+            v_fake = self.fake(x_r, r, cond=cond)
+            g = dm_gradient(x_hat, x_r, r, v_real, v_fake, normalize=self.cfg.dm_normalize)
+        l_corr = dm_surrogate_loss(x_hat, g).mean()
+        grad_rms = _rms(g) / g.numel()  # ∂(mean_b ½‖x̂ − sg(x̂ − g)‖²/D)/∂x̂ = g/(B·D)
+        return l_corr, grad_rms
+
+    def _fake_loss(self, batch: dict[str, Tensor], rng: StepRNG) -> dict[str, Tensor]:
+        """``L_ψ = ‖v_ψ(x_r, r) − (n − sg(x̂))‖²`` on the student's current one-step samples."""
+        if self.fake is None:
+            raise RuntimeError("freeflow: no fake-velocity net (correction off or inference-only)")
+        eps, cond = batch["noise"], batch.get("cond")
+        b = eps.shape[0]
+        ones = torch.ones(b, device=eps.device, dtype=eps.dtype)
+        with torch.no_grad():
+            x_hat = flow_map_jump(self.student, eps, ones, torch.zeros_like(ones), cond)
+        r = rng.times(self.r_sampler, b).to(eps.device, eps.dtype)
+        n = rng.randn(b, *eps.shape[1:]).to(eps.device, eps.dtype)
+        x_r = renoise(x_hat, r, n)
+        v = self.fake(x_r, r, cond=cond)
+        loss = (v - fake_velocity_target(x_hat, n)).pow(2).mean()
+        return {"loss": loss}
+
+    # -- sampling ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise: Tensor, nfe: int, cond: Tensor | None = None,
+               model: nn.Module | None = None) -> Tensor:
+        """``nfe`` flow-map jumps on the ``sample_grid`` from ``t = 1`` to ``0``."""
+        net = model if model is not None else self.student
+        return sample_flow_map(net, noise, nfe, grid=self.cfg.sample_grid, cond=cond)
