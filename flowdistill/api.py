@@ -36,9 +36,9 @@ def build_source(spec, split: str = "train"):
         x, y = digits_tensors(split, spec.image_size)
         return TensorSource(x, y, conditional=spec.conditional)
     if spec.name == "image_folder":
-        from flowdistill.data.images import folder_tensors
+        from flowdistill.data.images import image_folder_tensors
 
-        x, y = folder_tensors(spec.root, spec.image_size)
+        x, y = image_folder_tensors(spec.root, spec.image_size)
         return TensorSource(x, y, conditional=spec.conditional)
     raise UnknownNameError(f"unknown dataset {spec.name!r}; available: "
                            f"{', '.join(TOY_DATASETS.names() + list(IMAGE_DATASETS))}")

@@ -1,0 +1,80 @@
+"""NFE sweeps for image runs: FID/KID/precision/recall per NFE against real images, with the floor.
+
+Protocol (DESIGN.md §7): every comparison uses equal-size sets and states ``n``; the floor is the
+same metric between ``n`` real training images and the same reference. For digits the reference
+is the held-out test split (360 images), so ``n = 360`` and the floor is FID(train subset, test) —
+the "train vs test" FID that the digits teacher target is stated against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowdistill.eval.sweep import write_table
+
+IMAGE_COLUMNS = ["model", "nfe", "fid", "fid_floor", "kid_mean", "precision", "recall", "n"]
+
+
+def reference_images(run) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(reference images, real images for the floor, reference name) for a run's dataset."""
+    spec = run.cfg.data
+    if spec.name == "digits":
+        from flowdistill.data.digits import digits_tensors
+
+        test, _ = digits_tensors("test", spec.image_size)
+        train, _ = digits_tensors("train", spec.image_size)
+        g = torch.Generator().manual_seed(0)
+        return test, train[torch.randperm(train.shape[0], generator=g)[: test.shape[0]]], \
+            f"digits-test-{spec.image_size}"
+    from flowdistill.data.images import image_folder_tensors
+
+    x, _ = image_folder_tensors(spec.root, spec.image_size)
+    half = x.shape[0] // 2
+    return x[:half], x[half: 2 * half], f"folder-{Path(spec.root).name}-{spec.image_size}"
+
+
+def image_sweep(samplers: dict[str, Any], nfes: dict[str, list[int]], reference: torch.Tensor,
+                floor_real: torch.Tensor, seed: int = 0, feature_extractor: str = "digits",
+                cache_dir: Path | None = None, reference_name: str | None = None,
+                **fid_kw) -> tuple[list[dict[str, Any]], dict[str, dict[int, torch.Tensor]]]:
+    """FID etc. of each ``sampler(n, nfe, seed)`` at each NFE; ``n = len(reference)``."""
+    from flowdistill.eval.fid import compute_fid
+
+    n = reference.shape[0]
+    kw = {"feature_extractor": feature_extractor, "cache_dir": cache_dir, "reference_name": reference_name,
+          "seed": seed, **fid_kw}
+    floor = compute_fid(floor_real[:n], reference, **kw)
+    rows, samples = [], {}
+    for name, sampler in samplers.items():
+        samples[name] = {}
+        for nfe in nfes[name]:
+            x = sampler(n, nfe, seed).clamp(-1, 1)
+            samples[name][nfe] = x
+            m = compute_fid(x, reference, **kw)
+            rows.append({"model": name, "nfe": nfe, "fid": m["fid"], "fid_floor": floor["fid"],
+                         "kid_mean": m["kid_mean"], "kid_floor": floor["kid_mean"],
+                         "precision": m["precision"], "recall": m["recall"], "n": n})
+    return rows, samples
+
+
+def evaluate_image_run(run, nfes: list[int], n: int, out_dir: Path, seed: int = 1234,
+                       solver: str | None = None) -> str:
+    """Sweep a :class:`~flowdistill.api.LoadedRun` on images; writes tables, a plot and grids."""
+    from flowdistill.eval.plots import image_grid, metric_vs_nfe
+
+    reference, floor_real, ref_name = reference_images(run)
+    extractor = "digits" if run.cfg.data.name == "digits" else "inception"
+    label = run.cfg.distiller.name
+    rows, samples = image_sweep({label: lambda k, nfe, s: run.sample(k, nfe, seed=s, solver=solver)},
+                                {label: nfes}, reference, floor_real, seed=seed,
+                                feature_extractor=extractor, cache_dir=run.run_dir / "fid_cache",
+                                reference_name=ref_name)
+    md = write_table(rows, IMAGE_COLUMNS, out_dir)
+    for nfe, x in samples[label].items():
+        image_grid(x[:64], out_dir / f"grid_nfe{nfe}.png")
+    metric_vs_nfe({label: {r["nfe"]: r["fid"] for r in rows}}, out_dir / "fid_vs_nfe.png",
+                  ylabel=f"FID ({extractor} features, n={rows[0]['n']})", floor=rows[0]["fid_floor"])
+    return md
