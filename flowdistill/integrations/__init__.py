@@ -1,0 +1,1 @@
+"""Integrations with other libraries (diffusers). Nothing here is imported by the core."""

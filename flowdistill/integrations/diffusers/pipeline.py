@@ -1,0 +1,130 @@
+"""``FlowDistillPipeline``: a diffusers pipeline around a flowdistill student and FlowDistillScheduler.
+
+Components: ``student`` (a flowdistill net, ``flowdistill.models.*``, ModelMixin + ConfigMixin) and
+``scheduler`` (:class:`~flowdistill.integrations.diffusers.scheduler.FlowDistillScheduler`).
+``save_pretrained`` writes ``model_index.json`` naming each component by module and class
+(``["flowdistill.models.mlp", "MLPFlowNet"]``); ``FlowDistillPipeline.from_pretrained(dir)``
+loads it offline — diffusers resolves those modules from ``sys.modules``, and importing this
+module imports them.
+
+Sampling: ``N`` steps on the scheduler's grid ``1 = σ_0 > … > σ_N = 0``; at each step a two-time
+student (config ``two_time``) gives ``u(x, σ_i, σ_{i+1})`` and a one-time student ``v(x, σ_i)``,
+and the scheduler applies ``x ← x + (σ_{i+1} − σ_i)·u``. With ``guidance_scale = w ≠ 1`` and class
+labels, classifier-free guidance ``u_∅ + w·(u_c − u_∅)`` uses the null label ``num_classes``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+import flowdistill.models  # noqa: F401  (diffusers' loader finds our model classes in sys.modules)
+from flowdistill import kernels
+from flowdistill.integrations.diffusers.scheduler import FlowDistillScheduler
+
+OUTPUT_TYPES = ("pt", "np", "pil")
+
+
+def sample_shape_of_student(student) -> tuple[int, ...]:
+    """The shape of one sample from a flowdistill student's config."""
+    cfg = student.config
+    if "data_dim" in cfg:
+        return (int(cfg["data_dim"]),)
+    if "in_channels" in cfg and "sample_size" in cfg:
+        s = cfg["sample_size"]
+        hw = (s, s) if isinstance(s, int) else tuple(s)
+        return (int(cfg["in_channels"]), *hw)
+    raise ValueError(f"cannot infer the sample shape of {type(student).__name__}: its config has neither "
+                     f"data_dim nor in_channels + sample_size")
+
+
+class FlowDistillPipeline(DiffusionPipeline):
+    """Few-step sampling of a distilled flowdistill student (unconditional or class-conditional)."""
+
+    model_cpu_offload_seq = "student"
+
+    def __init__(self, student, scheduler: FlowDistillScheduler):
+        super().__init__()
+        if not isinstance(scheduler, FlowDistillScheduler):
+            raise TypeError(f"scheduler must be a FlowDistillScheduler, got {type(scheduler).__name__}")
+        self.register_modules(student=student, scheduler=scheduler)
+
+    def _labels(self, class_labels, batch_size: int, device) -> Tensor | None:
+        num_classes = int(self.student.config.get("num_classes", 0) or 0)
+        if class_labels is None:
+            return None
+        if num_classes == 0:
+            raise ValueError("class_labels given but the student is unconditional (num_classes = 0)")
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(f"{labels.numel()} class labels for batch_size {batch_size}")
+        if (labels < 0).any() or (labels > num_classes).any():
+            raise ValueError(f"class labels must be in [0, {num_classes}] ({num_classes} = unconditional)")
+        return labels
+
+    def _model_output(self, x: Tensor, t: Tensor, s: Tensor | None, labels: Tensor | None,
+                      w: float) -> Tensor:
+        if labels is None or w == 1.0:
+            return self.student(x, t, s, cond=labels)
+        null = torch.full_like(labels, int(self.student.config["num_classes"]))
+        s2 = None if s is None else torch.cat([s, s])
+        out = self.student(torch.cat([x, x]), torch.cat([t, t]), s2, cond=torch.cat([null, labels]))
+        u_u, u_c = out.chunk(2)
+        return kernels.cfg_combine(u_u, u_c, w)
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_inference_steps: int = 1, class_labels=None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pt",
+                 return_dict: bool = True, guidance_scale: float = 1.0, latents: Tensor | None = None,
+                 sigmas: list[float] | None = None, mu: float | None = None):
+        """Draw ``batch_size`` samples in ``num_inference_steps`` student evaluations.
+
+        ``output_type``: ``"pt"`` — the raw samples as the run's own sampler returns them
+        (``[B, *sample_shape]``, data range); ``"np"`` — images as NHWC float arrays in [0, 1] (data
+        in [-1, 1] is mapped by ``(x + 1)/2``), vectors as raw arrays; ``"pil"`` — a list of PIL
+        images (image students only). ``latents`` replaces the drawn noise at ``t = 1``.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        device = self._execution_device
+        dtype = self.student.dtype
+        shape = sample_shape_of_student(self.student)
+        if output_type == "pil" and len(shape) != 3:
+            raise ValueError("output_type='pil' needs an image student ([C, H, W] samples)")
+        labels = self._labels(class_labels, batch_size, device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
+        if latents is None:
+            x = randn_tensor((batch_size, *shape), generator=generator, device=device, dtype=dtype)
+        else:
+            x = latents.to(device=device, dtype=dtype)
+        two_time = bool(self.student.config.get("two_time", False))
+        sig = self.scheduler.sigmas
+        for i, ts in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            t = sig[i].to(device, dtype).expand(batch_size)
+            s = sig[i + 1].to(device, dtype).expand(batch_size) if two_time else None
+            u = self._model_output(x, t, s, labels, float(guidance_scale))
+            x = self.scheduler.step(u, ts, x).prev_sample
+        self.maybe_free_model_hooks()
+        images = self._postprocess(x, output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _postprocess(self, x: Tensor, output_type: str):
+        if output_type == "pt":
+            return x
+        if x.ndim != 4:
+            return x.float().cpu().numpy()
+        img = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return img
+        if img.shape[-1] == 1:
+            img = np.repeat(img, 3, axis=-1)
+        return self.numpy_to_pil(img)
