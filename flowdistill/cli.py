@@ -45,6 +45,17 @@ def _cmd_train(args: argparse.Namespace, default_distiller: str) -> None:
     print(f"run written to {run_dir}")
 
 
+def _cmd_couple(args: argparse.Namespace) -> None:
+    from flowdistill.config import load_config
+    from flowdistill.couplings.pipeline import couple_job
+
+    if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None
+    cfg = load_config(args.config, args.overrides, default_distiller="reflow")
+    root = couple_job(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"couplings written to {root}")
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
@@ -83,6 +94,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(f"tables and plots written to {out}")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from flowdistill.integrations.diffusers.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
+    print(f"diffusers pipeline written to {out} (load with FlowDistillPipeline.from_pretrained)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from flowdistill.demo import run_demo
 
@@ -110,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
         sp.add_argument("--overwrite", action="store_true", help="replace a run in out_dir")
 
+    sp = sub.add_parser("couple", help="generate teacher couplings for reflow / InstaFlow (sharded)")
+    sp.add_argument("config", nargs="?", help="YAML config of a reflow or instaflow job")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distiller.couple.n_pairs=1000")
+    sp.add_argument("--resume", action="store_true", help="finish an interrupted or smaller coupling store")
+    sp.add_argument("--overwrite", action="store_true", help="replace the couplings in distiller.couplings")
+
     sp = sub.add_parser("sample", help="sample a trained run")
     sp.add_argument("run_dir")
     sp.add_argument("--nfe", type=_positive, default=1)
@@ -126,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--solver", default=None)
     sp.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval)")
 
+    sp = sub.add_parser("export", help="export a run's student as a diffusers pipeline directory")
+    sp.add_argument("run_dir")
+    sp.add_argument("out_dir")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
     sp = sub.add_parser("demo", help="the default job on a built-in problem")
     sp.add_argument("--out", default="runs/demo", help="demo run directory (replaced each time)")
     sp.add_argument("--quick", action="store_true", help="tiny settings (seconds), for smoke tests")
@@ -140,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_train(args, "flow_matching")
         elif args.command == "distill":
             _cmd_train(args, "freeflow")
+        elif args.command == "couple":
+            _cmd_couple(args)
         elif args.command == "sample":
             _cmd_sample(args)
         elif args.command == "eval":
             _cmd_eval(args)
+        elif args.command == "export":
+            _cmd_export(args)
         elif args.command == "demo":
             _cmd_demo(args)
     except (FlowDistillError, UnknownNameError) as e:

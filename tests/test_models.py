@@ -26,6 +26,15 @@ SPECS = {
 NAMES = list(SPECS)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """The nets here are tiny: one intra-op thread is faster and immune to oversubscribed CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make(name: str, **extra) -> nn.Module:
     """A tiny net of kind ``name`` (seeded)."""
     torch.manual_seed(0)
@@ -90,6 +99,18 @@ def test_one_time_net_ignores_s_and_two_time_net_reads_it(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_delta_time_scale_only_changes_the_s_branch(name):
+    a = perturb(make(name, two_time=True))
+    b = make(name, two_time=True, delta_time_scale=5.0)
+    b.load_state_dict(a.state_dict())
+    x, t, s = inputs(name)
+    assert torch.equal(a(x, t), b(x, t))  # t − s = 0: the same features at any scale
+    assert not torch.allclose(a(x, t, s), b(x, t, s), atol=1e-5)
+    with pytest.raises(ConfigError, match="delta_time_scale"):
+        build_model(name, **SPECS[name][0], two_time=True, delta_time_scale=0.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_class_conditioning(name):
     net = perturb(make(name, num_classes=NC))
     x, t, _ = inputs(name)
@@ -113,7 +134,8 @@ def test_two_time_student_from_one_time_teacher_equals_teacher(name):
     student = build_model(name, **cfg, num_classes=NC, two_time=True)
     result = student.load_state_dict(teacher.state_dict(), strict=False)
     assert result.unexpected_keys == []
-    assert result.missing_keys and all(("time_embed2" in k) or ("in_r" in k) for k in result.missing_keys)
+    assert result.missing_keys
+    assert all(("time_embed2" in k) or ("in_r" in k) for k in result.missing_keys)
     x, t, s = inputs(name)
     cond = torch.tensor([0, 1, NC, 2])
     v = teacher(x, t, cond=cond)

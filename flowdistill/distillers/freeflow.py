@@ -27,14 +27,17 @@ no-grad student jump — still data-free), and applies the same identity from th
 map from intermediate times, which is what 2-, 4-, … step sampling uses, and keeps it
 consistent with the one-jump path.
 
-**Derivative** (decided here, measured). The reference nets embed ``t − s`` with sinusoids of
-``1000·(t − s)`` (the teacher's time scale, which the student must keep to start as the teacher),
-so the exact ``∂_s u`` (``derivative="jvp"``) is dominated by high-frequency features and makes a
-noisy, self-reinforcing target: on the checkerboard, prediction alone with JVP barely moves the
-one-jump map towards the teacher's ODE solution, while a central difference over a wide stencil
-(``derivative="fd"``, ``fd_step=0.02``, a low-pass derivative) cuts that distance ~20× in 100
-steps. ``"fd"`` is therefore the default; ``"jvp"`` is exact and right for nets whose ``s``
-embedding is smooth.
+**Derivative** (decided here, measured). With the reference nets' default ``t − s`` embedding,
+sinusoids of ``1000·(t − s)`` (the teacher's time scale), the exact ``∂_s u`` (``derivative="jvp"``)
+is dominated by high-frequency features and makes a noisy, self-reinforcing target; a central
+difference over a wide stencil (``derivative="fd"``, ``fd_step=0.02``, a low-pass derivative) works
+there, and ``"fd"`` stays the default of this config class. The teacher is one-time and has no
+``t − s`` branch, so the student may embed ``t − s`` at its own, small scale (model option
+``delta_time_scale``, e.g. 5) and still start exactly as the teacher; ``u`` is then smooth in
+``s`` and the exact JVP is the better derivative. On the checkerboard (1200 steps, two teachers,
+sliced W2 at 1/2/4 jumps) ``delta_time_scale=5`` + ``"jvp"`` gave 0.046/0.042/0.039 and
+0.040/0.043/0.041 against 0.047/0.064/0.046 and 0.054/0.064/0.041 for ``"fd"`` at scale 1000, so
+``configs/freeflow_checkerboard.yaml`` uses it.
 
 **Robust weighting** (MeanFlow-style, ``adaptive_p``). Near ``s → 0`` the teacher velocity off the
 data manifold scales like ``dist/s``, so a few residuals are huge; each sample's squared residual

@@ -15,7 +15,8 @@ import torch
 
 from flowdistill.eval.sweep import write_table
 
-IMAGE_COLUMNS = ["model", "nfe", "fid", "fid_floor", "kid_mean", "precision", "recall", "n"]
+IMAGE_COLUMNS = ["model", "solver", "nfe", "fid", "fid_floor", "kid_mean", "kid_floor", "precision", "recall",
+                 "n"]
 
 
 def reference_images(run) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -38,12 +39,18 @@ def reference_images(run) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def image_sweep(samplers: dict[str, Any], nfes: dict[str, list[int]], reference: torch.Tensor,
                 floor_real: torch.Tensor, seed: int = 0, feature_extractor: str = "digits",
-                cache_dir: Path | None = None, reference_name: str | None = None,
+                cache_dir: Path | None = None, reference_name: str | None = None, solver: str = "",
                 **fid_kw) -> tuple[list[dict[str, Any]], dict[str, dict[int, torch.Tensor]]]:
-    """FID etc. of each ``sampler(n, nfe, seed)`` at each NFE; ``n = len(reference)``."""
+    """FID etc. of each ``sampler(n, nfe, seed)`` at each NFE; ``n = len(reference)``.
+
+    ``floor_real`` needs at least ``n`` images (the first ``n`` are used); ``solver`` only labels
+    the rows.
+    """
     from flowdistill.eval.fid import compute_fid
 
     n = reference.shape[0]
+    if floor_real.shape[0] < n:
+        raise ValueError(f"the floor needs {n} real images (the reference size), got {floor_real.shape[0]}")
     kw = {"feature_extractor": feature_extractor, "cache_dir": cache_dir, "reference_name": reference_name,
           "seed": seed, **fid_kw}
     floor = compute_fid(floor_real[:n], reference, **kw)
@@ -54,27 +61,53 @@ def image_sweep(samplers: dict[str, Any], nfes: dict[str, list[int]], reference:
             x = sampler(n, nfe, seed).clamp(-1, 1)
             samples[name][nfe] = x
             m = compute_fid(x, reference, **kw)
-            rows.append({"model": name, "nfe": nfe, "fid": m["fid"], "fid_floor": floor["fid"],
+            rows.append({"model": name, "solver": solver or "default", "nfe": nfe,
+                         "fid": m["fid"], "fid_floor": floor["fid"],
                          "kid_mean": m["kid_mean"], "kid_floor": floor["kid_mean"],
                          "precision": m["precision"], "recall": m["recall"], "n": n})
     return rows, samples
 
 
+def _check_budgets(solver: str | None, nfes: list[int]) -> None:
+    """Fail before any sampling if an explicit fixed-step ``solver`` cannot spend an NFE exactly."""
+    from flowdistill.core.solvers import steps_for_nfe
+    from flowdistill.errors import ConfigError
+
+    if not solver or solver == "dopri5":
+        return
+    for nfe in nfes:
+        try:
+            steps_for_nfe(solver, nfe)
+        except ValueError as e:
+            raise ConfigError(f"--nfe {nfe} with solver {solver!r}: {e}") from None
+
+
 def evaluate_image_run(run, nfes: list[int], n: int, out_dir: Path, seed: int = 1234,
                        solver: str | None = None) -> str:
-    """Sweep a :class:`~flowdistill.api.LoadedRun` on images; writes tables, a plot and grids."""
+    """Sweep a :class:`~flowdistill.api.LoadedRun` on images; writes tables, a plot and grids.
+
+    ``n = min(n, len(reference))`` samples are compared with the first ``n`` reference images, and
+    the floor uses ``n`` real training images (for digits the full protocol is n = 360). Files are
+    ``sweep[_SOLVER].md/json``, ``fid_vs_nfe[_SOLVER].png`` and ``grid[_SOLVER]_nfeK.png``, so
+    sweeps with different ``solver`` values can share ``out_dir``.
+    """
     from flowdistill.eval.plots import image_grid, metric_vs_nfe
 
+    _check_budgets(solver, nfes)
     reference, floor_real, ref_name = reference_images(run)
+    n = min(int(n), reference.shape[0])
+    reference, floor_real = reference[:n], floor_real[:n]
     extractor = "digits" if run.cfg.data.name == "digits" else "inception"
     label = run.cfg.distiller.name
+    tag = f"_{solver}" if solver else ""
     rows, samples = image_sweep({label: lambda k, nfe, s: run.sample(k, nfe, seed=s, solver=solver)},
                                 {label: nfes}, reference, floor_real, seed=seed,
                                 feature_extractor=extractor, cache_dir=run.run_dir / "fid_cache",
-                                reference_name=ref_name)
-    md = write_table(rows, IMAGE_COLUMNS, out_dir)
+                                reference_name=f"{ref_name}-n{n}",
+                                solver=solver or getattr(run.cfg.distiller, "sample_solver", ""))
+    md = write_table(rows, IMAGE_COLUMNS, out_dir, stem=f"sweep{tag}")
     for nfe, x in samples[label].items():
-        image_grid(x[:64], out_dir / f"grid_nfe{nfe}.png")
-    metric_vs_nfe({label: {r["nfe"]: r["fid"] for r in rows}}, out_dir / "fid_vs_nfe.png",
+        image_grid(x[:64], out_dir / f"grid{tag}_nfe{nfe}.png")
+    metric_vs_nfe({label: {r["nfe"]: r["fid"] for r in rows}}, out_dir / f"fid_vs_nfe{tag}.png",
                   ylabel=f"FID ({extractor} features, n={rows[0]['n']})", floor=rows[0]["fid_floor"])
     return md

@@ -74,14 +74,16 @@ class DiTFlowNet(ModelMixin, ConfigMixin):
     Config: ``sample_size`` (S, 16), ``in_channels`` (1), ``out_channels`` (None = in_channels),
     ``patch_size`` (2), ``hidden`` (128, divisible by 4 and by ``heads``), ``depth`` (4),
     ``heads`` (4), ``mlp_ratio`` (4.0), ``num_classes`` (0), ``two_time`` (False),
-    ``time_scale`` (1000), ``freq_dim`` (256: sinusoidal features before the time MLP).
+    ``time_scale`` (1000), ``freq_dim`` (256: sinusoidal features before the time MLP),
+    ``delta_time_scale`` (None = time_scale: the scale of the two-time ``(t − s)`` branch; 1–10 keeps
+    ``u`` smooth in ``s`` for exact JVPs ``∂_s u``).
     """
 
     @register_to_config
     def __init__(self, sample_size: int = 16, in_channels: int = 1, out_channels: int | None = None,
                  patch_size: int = 2, hidden: int = 128, depth: int = 4, heads: int = 4,
                  mlp_ratio: float = 4.0, num_classes: int = 0, two_time: bool = False,
-                 time_scale: float = 1000.0, freq_dim: int = 256):
+                 time_scale: float = 1000.0, freq_dim: int = 256, delta_time_scale: float | None = None):
         super().__init__()
         if patch_size < 1 or sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} must be divisible by patch_size {patch_size}")
@@ -94,7 +96,8 @@ class DiTFlowNet(ModelMixin, ConfigMixin):
         self.patch_embed = nn.Conv2d(in_channels, hidden, patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid)[None], persistent=False)
         self.cond_embed = ConditionEmbedding(hidden, freq_dim=freq_dim, num_classes=num_classes,
-                                             two_time=two_time, time_scale=time_scale)
+                                             two_time=two_time, time_scale=time_scale,
+                                             delta_time_scale=delta_time_scale)
         self.blocks = nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(hidden, 2 * hidden)

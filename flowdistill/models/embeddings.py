@@ -10,7 +10,9 @@ JVPs with respect to ``t`` work; they are always computed in float32 (or float64
 
 Two-time nets (flow maps ``u(x, t, s)``) embed ``emb(t) + emb₂(t − s)``; the second branch ends in a
 zero-initialised layer, so a fresh two-time net ignores ``s`` and a two-time student loaded from a
-one-time teacher (same sizes, ``strict=False``) starts exactly as the teacher.
+one-time teacher (same sizes, ``strict=False``) starts exactly as the teacher. ``emb₂`` may use its
+own scale (``delta_time_scale``, default ``time_scale``): a small one (1–10) keeps ``u`` smooth in
+``s`` so that exact JVPs ``∂_s u`` are well behaved.
 
 Class labels index a table of ``num_classes + 1`` rows; row ``num_classes`` is the null
 (unconditional) label and ``cond=None`` means all-null.
@@ -92,9 +94,14 @@ class ConditionEmbedding(nn.Module):
     """
 
     def __init__(self, dim: int, freq_dim: int = 256, num_classes: int = 0, two_time: bool = False,
-                 time_scale: float = 1000.0, class_init_std: float = 0.02):
+                 time_scale: float = 1000.0, class_init_std: float = 0.02,
+                 delta_time_scale: float | None = None):
         super().__init__()
         self.freq_dim, self.time_scale = int(freq_dim), float(time_scale)
+        # scale of the (t − s) branch only (None = time_scale); small values make u smooth in s
+        self.delta_time_scale = self.time_scale if delta_time_scale is None else float(delta_time_scale)
+        if not self.delta_time_scale > 0:
+            raise ValueError(f"delta_time_scale must be positive or None, got {delta_time_scale}")
         self.num_classes, self.two_time = int(num_classes), bool(two_time)
         self.time_embed = time_mlp(self.freq_dim, dim)
         self.time_embed2 = time_mlp(self.freq_dim, dim, zero_out=True) if two_time else None
@@ -109,7 +116,7 @@ class ConditionEmbedding(nn.Module):
         c = self.time_embed(sinusoidal_embedding(t, self.freq_dim, self.time_scale).to(dtype))
         if self.time_embed2 is not None:
             r = t - (t if s is None else s)
-            c = c + self.time_embed2(sinusoidal_embedding(r, self.freq_dim, self.time_scale).to(dtype))
+            c = c + self.time_embed2(sinusoidal_embedding(r, self.freq_dim, self.delta_time_scale).to(dtype))
         if self.class_embed is not None:
             c = c + self.class_embed(class_labels(cond, t.shape[0], self.num_classes, t.device))
         return c

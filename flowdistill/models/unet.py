@@ -105,7 +105,8 @@ class UNetFlowNet(ModelMixin, ConfigMixin):
     ``channel_mults`` ((1, 2)), ``num_res_blocks`` (1), ``attention`` (True: self-attention in the
     middle block, at the lowest resolution), ``attention_heads`` (4), ``norm_groups`` (8),
     ``dropout`` (0.0), ``time_embed_dim`` (None = 4·base_channels), ``num_classes`` (0),
-    ``two_time`` (False), ``time_scale`` (1000).
+    ``two_time`` (False), ``time_scale`` (1000), ``delta_time_scale`` (None = time_scale: the scale
+    of the two-time ``(t − s)`` branch; 1–10 keeps ``u`` smooth in ``s`` for exact JVPs ``∂_s u``).
     """
 
     @register_to_config
@@ -113,7 +114,7 @@ class UNetFlowNet(ModelMixin, ConfigMixin):
                  base_channels: int = 32, channel_mults: tuple[int, ...] = (1, 2), num_res_blocks: int = 1,
                  attention: bool = True, attention_heads: int = 4, norm_groups: int = 8,
                  dropout: float = 0.0, time_embed_dim: int | None = None, num_classes: int = 0,
-                 two_time: bool = False, time_scale: float = 1000.0):
+                 two_time: bool = False, time_scale: float = 1000.0, delta_time_scale: float | None = None):
         super().__init__()
         mults = tuple(int(m) for m in channel_mults)
         if not mults or min(mults) < 1 or base_channels < 1 or num_res_blocks < 1 or in_channels < 1:
@@ -124,7 +125,7 @@ class UNetFlowNet(ModelMixin, ConfigMixin):
         out_ch = int(out_channels or in_channels)
         self.cond_embed = ConditionEmbedding(emb_dim, freq_dim=max(2 * base_channels, 64),
                                              num_classes=num_classes, two_time=two_time,
-                                             time_scale=time_scale)
+                                             time_scale=time_scale, delta_time_scale=delta_time_scale)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         ch = base_channels

@@ -1,0 +1,337 @@
+"""Quality benchmark: teacher (Euler) against FreeFlow students and their ablations, per problem.
+
+For each toy problem (checkerboard, 8gaussians, spirals; ``--problems``) this trains a flow-matching
+teacher (``flowdistill/configs/teacher_checkerboard.yaml`` with ``data.name`` overridden), distils it
+with FreeFlow (``flowdistill/configs/freeflow_<problem>.yaml``, falling back to the checkerboard
+config with ``data.name`` overridden) in three modes — ``both`` (the method), ``prediction`` and
+``correction`` (ablations) — and measures sliced W2 (n = 4000) against fresh target samples, with
+the data-vs-data floor at the same n: the teacher at NFE 1, 2, 4, 8, 128 and every student at 1, 2, 4.
+``--digits`` adds the 8x8 digits (teacher ``assets/digits_teacher`` if shipped, else one trained
+with ``flowdistill/configs/teacher_digits.yaml``) measured by FID with digits-classifier features
+(n = 360, the test split; ``flowdistill.eval.image_eval.image_sweep``).
+
+The table (columns problem, model, nfe, metric, value, floor, ratio) is printed and written to
+``RUNS/quality.md`` and ``RUNS/quality.json``; ``ratio`` is the value over the teacher's at NFE 128
+(for digits: over the teacher's best NFE). Runs live under ``RUNS/<problem>/`` and are reused when
+their saved config matches the one asked for (so a rerun only evaluates); a run whose config differs
+(say from a ``--steps-scale`` smoke run) is trained again in place.
+
+``--reflow`` adds reflow rows through ``flowdistill.distillers.reflow.bench_rows(problem,
+teacher_run, runs_dir)`` when that function exists (rows: dicts with ``model``, ``nfe`` and either
+``value``/``floor`` or ``sw2``/``sw2_floor``); otherwise it says so and goes on.
+
+    OMP_NUM_THREADS=1 python scripts/bench_quality.py                      # full run, 3 toy problems
+    OMP_NUM_THREADS=1 python scripts/bench_quality.py --steps-scale 0.05 --problems checkerboard
+    OMP_NUM_THREADS=1 python scripts/bench_quality.py --digits --problems ""   # digits only
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "flowdistill" / "configs"
+TOY_PROBLEMS = ("checkerboard", "8gaussians", "spirals")
+TEACHER_NFE = [1, 2, 4, 8, 128]
+STUDENT_NFE = [1, 2, 4]
+MODES = ("both", "prediction", "correction")
+COLUMNS = ["problem", "model", "nfe", "metric", "value", "floor", "ratio"]
+TEACHER_LABEL = "teacher (Euler)"
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr (the table goes to stdout)."""
+    print(f"[bench_quality] {msg}", file=sys.stderr, flush=True)
+
+
+# -- configs and runs ---------------------------------------------------------------------------
+def scale_overrides(path: Path, overrides: list[str], scale: float, distiller: str) -> list[str]:
+    """``overrides`` plus the schedule of ``path`` shrunk by ``scale`` (steps, warm-ups, intervals).
+
+    ``scale == 1`` returns ``overrides`` unchanged. Steps never drop below 2, intervals below 1.
+    """
+    from flowdistill.config import load_config
+
+    if scale == 1.0:
+        return list(overrides)
+    cfg = load_config(path, overrides, default_distiller=distiller)
+    tr = cfg.train
+    out = [*overrides, f"train.steps={max(2, round(tr.steps * scale))}",
+           f"train.warmup_steps={round(tr.warmup_steps * scale)}",
+           f"train.log_every={max(1, round(tr.log_every * scale))}",
+           f"train.ckpt_every={max(1, round(tr.ckpt_every * scale)) if tr.ckpt_every > 0 else 0}"]
+    warm = getattr(cfg.distiller, "correction_warmup", None)
+    if warm is not None:
+        out.append(f"distiller.correction_warmup={round(warm * scale)}")
+    return out
+
+
+def _comparable(yaml_text: str) -> dict:
+    """A saved/resolved config as a dict without ``out_dir`` (which may be spelt differently)."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(OmegaConf.create(yaml_text))
+    d.pop("out_dir", None)
+    return d
+
+
+def train_or_reuse(path: Path, overrides: list[str], distiller: str, label: str) -> Path:
+    """Train the job ``path`` + ``overrides`` unless its run dir already holds the same finished run."""
+    from flowdistill.api import train
+    from flowdistill.config import load_config, to_yaml
+
+    cfg = load_config(path, overrides, default_distiller=distiller)
+    run_dir = Path(cfg.out_dir)
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and (run_dir / "student" / "config.json").is_file():
+        if _comparable(saved.read_text()) == _comparable(to_yaml(cfg)):
+            log(f"{label}: reusing {run_dir}")
+            return run_dir
+        log(f"{label}: {run_dir} holds a run with another config; training it again")
+    t0 = time.perf_counter()
+    log(f"{label}: training {cfg.train.steps} steps in {run_dir}")
+    train(cfg, overwrite=True)
+    log(f"{label}: done in {time.perf_counter() - t0:.0f} s")
+    return run_dir
+
+
+def freeflow_config(problem: str) -> tuple[Path, list[str]]:
+    """The FreeFlow config of ``problem`` and the overrides its fallback needs."""
+    own = CONFIGS / f"freeflow_{problem}.yaml"
+    if own.is_file():
+        return own, []
+    return CONFIGS / "freeflow_checkerboard.yaml", [f"data.name={problem}"]
+
+
+def distil_modes(problem: str, teacher_model: Path, runs: Path, scale: float, modes: list[str],
+                 extra: list[str] | None = None) -> dict[str, Path]:
+    """One FreeFlow run per mode (``both`` is the method, the others are ablations)."""
+    path, base = freeflow_config(problem)
+    out = {}
+    for mode in modes:
+        over = [*base, *(extra or []), f"out_dir={runs / problem / f'freeflow_{mode}'}",
+                f"teacher={teacher_model}", "distiller.name=freeflow", f"distiller.mode={mode}"]
+        over = scale_overrides(path, over, scale, "freeflow")
+        if mode == "correction":
+            # without the prediction loss the student has no loss at all before the warm-up (and
+            # FreeFlow's backward fails on the constant): correct from step 0, as the ablation means
+            over.append("distiller.correction_warmup=0")
+        out[mode] = train_or_reuse(path, over, "freeflow", f"{problem} freeflow mode={mode}")
+    return out
+
+
+def student_label(mode: str) -> str:
+    """Table name of a FreeFlow student."""
+    return "FreeFlow" if mode == "both" else f"FreeFlow ({mode} only)"
+
+
+# -- rows ---------------------------------------------------------------------------------------
+def add_ratios(rows: list[dict[str, Any]], ref: float) -> None:
+    """``ratio = value / ref`` for every row (``nan`` when undefined)."""
+    for r in rows:
+        ok = ref and math.isfinite(ref) and math.isfinite(r["value"])
+        r["ratio"] = r["value"] / ref if ok else float("nan")
+
+
+def toy_rows(problem: str, runs: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
+    """SW2 rows of the teacher (Euler, ``TEACHER_NFE``) and each student (``STUDENT_NFE``)."""
+    from flowdistill.eval.toy_metrics import evaluate_samples
+
+    rows = []
+    for label, (run, nfes, solver) in runs.items():
+        for nfe in nfes:
+            x = run.sample(n, nfe, seed=seed, solver=solver)
+            m = evaluate_samples(x, problem, seed=seed + 1)
+            rows.append({"problem": problem, "model": label, "nfe": nfe, "metric": "sw2", "value": m["sw2"],
+                         "floor": m["sw2_floor"], "energy": m["energy"], "energy_floor": m["energy_floor"],
+                         "n": m["n"]})
+    ref = next(r["value"] for r in rows if r["model"] == TEACHER_LABEL and r["nfe"] == max(TEACHER_NFE))
+    add_ratios(rows, ref)
+    return rows
+
+
+def bench_toy(problem: str, runs_dir: Path, scale: float, modes: list[str], n: int, seed: int,
+              reflow: bool) -> list[dict[str, Any]]:
+    """Train (or reuse) the teacher and students of a toy problem and return its rows."""
+    from flowdistill.api import load_run
+
+    teacher_dir = train_or_reuse(
+        CONFIGS / "teacher_checkerboard.yaml",
+        scale_overrides(CONFIGS / "teacher_checkerboard.yaml",
+                        [f"out_dir={runs_dir / problem / 'teacher'}", f"data.name={problem}"],
+                        scale, "flow_matching"),
+        "flow_matching", f"{problem} teacher")
+    students = distil_modes(problem, teacher_dir / "student", runs_dir, scale, modes)
+    log(f"{problem}: evaluating (n={n})")
+    runs = {TEACHER_LABEL: (load_run(teacher_dir), TEACHER_NFE, "euler")}
+    runs.update({student_label(m): (load_run(d), STUDENT_NFE, None) for m, d in students.items()})
+    rows = toy_rows(problem, runs, n, seed)
+    if reflow:
+        ref = next(r["value"] for r in rows if r["model"] == TEACHER_LABEL and r["nfe"] == max(TEACHER_NFE))
+        rows += reflow_rows(problem, teacher_dir, runs_dir, ref)
+    return rows
+
+
+def reflow_rows(problem: str, teacher_run: Path, runs_dir: Path, ref: float) -> list[dict[str, Any]]:
+    """Rows from ``flowdistill.distillers.reflow.bench_rows`` if it exists, normalised to ``COLUMNS``."""
+    try:
+        mod = importlib.import_module("flowdistill.distillers.reflow")
+        fn = mod.bench_rows
+    except (ImportError, AttributeError) as e:
+        log(f"--reflow: no reflow rows ({type(e).__name__}: {e}); "
+            f"expected flowdistill.distillers.reflow.bench_rows(problem, teacher_run, runs_dir)")
+        return []
+    rows = []
+    for r in fn(problem, teacher_run, runs_dir) or []:
+        r = dict(r)
+        metric = r.get("metric", "sw2")
+        value = r.get("value", r.get(metric))
+        floor = r.get("floor", r.get(f"{metric}_floor"))
+        if value is None or "model" not in r or "nfe" not in r:
+            log(f"--reflow: skipping a row without model/nfe/value: {r}")
+            continue
+        r.update({"problem": problem, "metric": metric, "value": float(value),
+                  "floor": None if floor is None else float(floor)})
+        rows.append(r)
+    if any(r["metric"] == "sw2" for r in rows):
+        add_ratios([r for r in rows if r["metric"] == "sw2"], ref)
+    return rows
+
+
+# -- digits -------------------------------------------------------------------------------------
+def digits_teacher(runs_dir: Path, scale: float):
+    """The digits teacher as a ``LoadedRun`` and the model directory to distil from, or ``None``."""
+    from flowdistill.api import LoadedRun, load_run
+    from flowdistill.config import load_config
+    from flowdistill.distillers import DISTILLERS
+    from flowdistill.models.loading import load_model_dir
+
+    asset = REPO / "assets" / "digits_teacher"
+    cfg_file = CONFIGS / "teacher_digits.yaml"
+    if (asset / "config.json").is_file():
+        shipped = asset / "train_config.yaml"
+        cfg_path = shipped if shipped.is_file() else cfg_file
+        if not cfg_path.is_file():
+            log(f"digits: {asset} has no train_config.yaml and {cfg_file} is missing; skipping digits")
+            return None
+        log(f"digits: using the shipped teacher {asset}")
+        cfg = load_config(cfg_path, [f"out_dir={asset}"])
+        model = load_model_dir(asset)
+        dist = DISTILLERS.get(cfg.distiller.name).for_inference(cfg.distiller, model)
+        return LoadedRun(cfg, model, dist, asset), asset
+    if not cfg_file.is_file():
+        log(f"digits: neither {asset} nor {cfg_file} exists; skipping digits")
+        return None
+    run_dir = train_or_reuse(
+        cfg_file, scale_overrides(cfg_file, [f"out_dir={runs_dir / 'digits' / 'teacher'}"], scale,
+                                  "flow_matching"), "flow_matching", "digits teacher")
+    return load_run(run_dir), run_dir / "student"
+
+
+def bench_digits(runs_dir: Path, scale: float, modes: list[str], seed: int) -> list[dict[str, Any]]:
+    """FID rows (digits features, n = 360) of the digits teacher and its FreeFlow students."""
+    from flowdistill.api import load_run
+    from flowdistill.eval.image_eval import image_sweep, reference_images
+
+    got = digits_teacher(runs_dir, scale)
+    if got is None:
+        return []
+    teacher, teacher_model = got
+    spec = teacher.cfg.data
+    extra = [] if (CONFIGS / "freeflow_digits.yaml").is_file() else [
+        f"model.name={teacher.cfg.model.name}", f"data.image_size={spec.image_size}",
+        f"data.conditional={str(spec.conditional).lower()}", "train.batch_size=128"]
+    students = distil_modes("digits", teacher_model, runs_dir, scale, modes, extra)
+    reference, floor_real, ref_name = reference_images(teacher)
+    samplers = {TEACHER_LABEL: lambda k, nfe, s: teacher.sample(k, nfe, seed=s, solver="euler")}
+    nfes = {TEACHER_LABEL: TEACHER_NFE}
+    for m, d in students.items():
+        run = load_run(d)
+        samplers[student_label(m)] = lambda k, nfe, s, run=run: run.sample(k, nfe, seed=s)
+        nfes[student_label(m)] = STUDENT_NFE
+    log(f"digits: evaluating FID (n={reference.shape[0]})")
+    sweep, _ = image_sweep(samplers, nfes, reference, floor_real, seed=seed, feature_extractor="digits",
+                           cache_dir=runs_dir / "digits" / "fid_cache",
+                           reference_name=f"{ref_name}-n{reference.shape[0]}")
+    rows = [{"problem": "digits", "model": r["model"], "nfe": r["nfe"], "metric": "fid", "value": r["fid"],
+             "floor": r["fid_floor"], "kid": r["kid_mean"], "kid_floor": r["kid_floor"], "n": r["n"]}
+            for r in sweep]
+    best = min(r["value"] for r in rows if r["model"] == TEACHER_LABEL)
+    add_ratios(rows, best)
+    return rows
+
+
+# -- main ---------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="runs/bench",
+                    help="folder of the runs and the table (default runs/bench)")
+    ap.add_argument("--steps-scale", type=float, default=1.0,
+                    help="multiply every training schedule by this (e.g. 0.05 for a smoke run)")
+    ap.add_argument("--problems", default=",".join(TOY_PROBLEMS),
+                    help=f"comma-separated toy problems (default {','.join(TOY_PROBLEMS)}; '' for none)")
+    ap.add_argument("--modes", default=",".join(MODES), help="FreeFlow modes to train (default all three)")
+    ap.add_argument("--digits", action="store_true", help="also benchmark the 8x8 digits (FID)")
+    ap.add_argument("--reflow", action="store_true",
+                    help="add rows from flowdistill.distillers.reflow.bench_rows if it exists")
+    ap.add_argument("--n", type=int, default=4000, help="samples per toy evaluation (default 4000)")
+    ap.add_argument("--seed", type=int, default=1234, help="evaluation seed (default 1234)")
+    args = ap.parse_args(argv)
+    from flowdistill.data.toy2d import TOY_DATASETS
+
+    args.problems = [p.strip() for p in args.problems.split(",") if p.strip()]
+    bad = [p for p in args.problems if p not in TOY_DATASETS.names()]
+    if bad:
+        ap.error(f"unknown problem {bad[0]!r}; available: {', '.join(TOY_DATASETS.names())}")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in MODES for m in args.modes):
+        ap.error(f"--modes must be a non-empty subset of {','.join(MODES)}")
+    if not args.steps_scale > 0:
+        ap.error("--steps-scale must be positive")
+    if args.n < 2:
+        ap.error("--n must be at least 2")
+    if not args.problems and not args.digits:
+        ap.error("nothing to do: give --problems and/or --digits")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the markdown table and write ``quality.md``/``quality.json``."""
+    args = parse_args(argv)
+    from flowdistill.core.registry import UnknownNameError
+    from flowdistill.errors import FlowDistillError
+    from flowdistill.eval.toy_metrics import markdown_table
+
+    runs_dir = Path(args.runs)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    try:
+        for problem in args.problems:
+            rows += bench_toy(problem, runs_dir, args.steps_scale, args.modes, args.n, args.seed, args.reflow)
+        if args.digits:
+            rows += bench_digits(runs_dir, args.steps_scale, args.modes, args.seed)
+    except (FlowDistillError, UnknownNameError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md = markdown_table(rows, COLUMNS)
+    (runs_dir / "quality.md").write_text(md + "\n")
+    (runs_dir / "quality.json").write_text(json.dumps(
+        {"steps_scale": args.steps_scale, "n": args.n, "seed": args.seed, "rows": rows}, indent=2))
+    print(md)
+    log(f"steps scale {args.steps_scale:g}; toys: sliced W2, n={args.n}, seed {args.seed}; digits: FID "
+        f"(digits features, n=360); ratio = value / teacher@128 (digits: the teacher's best NFE)")
+    log(f"done in {time.perf_counter() - t0:.0f} s; wrote {runs_dir / 'quality.md'} and quality.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

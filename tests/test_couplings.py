@@ -1,0 +1,236 @@
+"""Coupling generation and the coupling store: process-count independence, kill/resume,
+refusal of corrupt or foreign shards, and process-independent batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowdistill.cli import main as cli_main
+from flowdistill.core.rng import StepRNG
+from flowdistill.couplings.generation import CoupleSpec, generate_couplings, shard_inputs
+from flowdistill.data.couplings import (
+    MANIFEST,
+    CouplingError,
+    CouplingSource,
+    CouplingStore,
+    CouplingStream,
+    add_shard,
+    read_manifest,
+    shard_name,
+    state_sha256,
+    write_shard,
+)
+from flowdistill.errors import ConfigError
+from flowdistill.models.mlp import MLPFlowNet
+from tests.helpers import REPO
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def tiny_teacher(path: Path, seed: int = 0) -> Path:
+    """A random (untrained) velocity net saved like a teacher: enough to exercise the store."""
+    torch.manual_seed(seed)
+    MLPFlowNet(data_dim=2, hidden=32, depth=2).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def cli_args(out: Path, teacher: Path, spec: dict) -> list[str]:
+    return ["distiller.name=reflow", f"out_dir={out}", f"teacher={teacher}", "data.name=checkerboard",
+            *(f"distiller.couple.{k}={v}" for k, v in spec.items())]
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.glob("shard-*.safetensors"))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teachers")
+    return tiny_teacher(d / "a", 0), tiny_teacher(d / "b", 1)
+
+
+SMALL = {"n_pairs": 230, "shard_size": 50, "chunk_size": 25, "solver": "rk4", "nfe": 8, "seed": 5}
+
+
+@pytest.fixture
+def small_store(tmp_path, teachers):
+    root = generate_couplings(teachers[0], tmp_path / "a", CoupleSpec(**SMALL), (2,), progress=False)
+    return root
+
+
+def test_two_processes_give_byte_identical_store(tmp_path, teachers):
+    spec = {"n_pairs": 650, "shard_size": 100, "chunk_size": 40, "solver": "dopri5", "rtol": 1e-4,
+            "atol": 1e-4, "seed": 3}
+    one = generate_couplings(teachers[0], tmp_path / "one" / "couplings", CoupleSpec(**spec), (2,),
+                             progress=False)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), "-m", "flowdistill.cli", "couple",
+                        *cli_args(tmp_path / "two", teachers[0], spec)],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "couple[0/2]" in r.stderr  # really two processes
+    a, b = files(one), files(tmp_path / "two" / "couplings")
+    assert list(a) == [shard_name(k) for k in range(7)]
+    assert a == b  # byte-identical shards
+    ma, mb = read_manifest(one), read_manifest(tmp_path / "two" / "couplings")
+    assert ma["shards"] == mb["shards"] and mb["complete"]
+    data = CouplingStore(tmp_path / "two" / "couplings").load_all()
+    assert data["sample"].shape == (650, 2)
+    assert not torch.allclose(data["sample"], data["noise"])  # the teacher moved the points
+    # shard k's noise is its own seeded draw, whoever wrote it
+    noise3, _ = shard_inputs(CoupleSpec(**spec), 3, (2,), 0)
+    assert torch.equal(data["noise"][300:400], noise3)
+
+
+def test_sigkill_then_resume_gives_exactly_the_requested_pairs(tmp_path, teachers):
+    spec = {"n_pairs": 2000, "shard_size": 50, "chunk_size": 50, "solver": "rk4", "nfe": 64, "seed": 11}
+    out = tmp_path / "killed"
+    root = out / "couplings"
+    p = subprocess.Popen([sys.executable, "-m", "flowdistill.cli", "couple",
+                          *cli_args(out, teachers[0], spec)], cwd=REPO, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    listed = 0
+    while time.time() < deadline and p.poll() is None:
+        if (root / MANIFEST).is_file():
+            listed = len(json.loads((root / MANIFEST).read_text())["shards"])
+            if listed >= 3:
+                break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    man = read_manifest(root)
+    assert 3 <= len(man["shards"]) < 40 and not man["complete"], "kill came too late to test resume"
+    CouplingStore(root, require_complete=False).verify()  # every listed shard is complete and valid
+    with pytest.raises(CouplingError, match="incomplete"):
+        CouplingStore(root)
+    # what a kill mid-write leaves: a temp file, and an unlisted (half-written) shard
+    (root / f".{shard_name(39)}.tmp-123").write_bytes(b"partial")
+    (root / shard_name(38)).write_bytes(b"garbage")
+    assert cli_main(["couple", *cli_args(out, teachers[0], spec), "--resume"]) == 0
+    store = CouplingStore(root)
+    store.verify()
+    assert store.load_all()["sample"].shape[0] == 2000
+    assert not list(root.glob(".*tmp*"))
+    ref = generate_couplings(teachers[0], tmp_path / "ref", CoupleSpec(**spec), (2,), progress=False)
+    assert files(ref) == files(root)
+
+
+def test_corrupt_and_foreign_shards_are_refused_by_name(tmp_path, teachers, small_store):
+    root = small_store
+    CouplingStore(root).verify()
+    # 1. a flipped byte: checksum mismatch, naming the shard
+    f1 = root / shard_name(1)
+    raw = bytearray(f1.read_bytes())
+    raw[-3] ^= 0xFF
+    f1.write_bytes(bytes(raw))
+    with pytest.raises(CouplingError, match=r"shard-000001\.safetensors: checksum mismatch"):
+        CouplingSource(CouplingStore(root))
+    # resume repairs it (and only it)
+    before = files(root)
+    generate_couplings(teachers[0], root, CoupleSpec(**SMALL), (2,), resume=True, progress=False)
+    after = files(root)
+    assert after[shard_name(1)] != bytes(raw)
+    assert {k: v for k, v in after.items() if k != shard_name(1)} == \
+        {k: v for k, v in before.items() if k != shard_name(1)}
+    CouplingStore(root).verify()
+    # 2. wrong shape with a matching checksum in the manifest
+    good = CouplingStore(root).load_shard(2)
+    meta = {"format": "flowdistill-couplings/1", "index": "2", "count": "50",
+            "teacher_sha256": read_manifest(root)["teacher_sha256"],
+            "teacher_state_sha256": read_manifest(root)["teacher_state_sha256"], "seed": "5"}
+    rec = write_shard(root, 2, {"noise": good["noise"][:, :1].contiguous(), "sample": good["sample"]}, meta)
+    add_shard(root, rec)
+    with pytest.raises(CouplingError, match=r"shard-000002\.safetensors: tensor 'noise' has shape \[50, 1\]"):
+        CouplingStore(root).load_shard(2)
+    # 3. a shard of another teacher (its own record copied along, so the checksum matches)
+    other = generate_couplings(teachers[1], tmp_path / "b", CoupleSpec(**SMALL), (2,), progress=False)
+    (root / shard_name(3)).write_bytes((other / shard_name(3)).read_bytes())
+    add_shard(root, next(s for s in read_manifest(other)["shards"] if s["index"] == 3))
+    with pytest.raises(CouplingError, match=r"shard-000003\.safetensors: made by another teacher"):
+        CouplingStore(root).load_shard(3)
+    # 4. a missing file
+    (root / shard_name(4)).unlink()
+    with pytest.raises(CouplingError, match=r"shard-000004\.safetensors: file missing"):
+        CouplingStore(root).load_shard(4)
+    # 5. the whole store checked against the teacher that is supposed to have made it
+    with pytest.raises(CouplingError, match="generated by another teacher"):
+        CouplingStore(other, teacher_state_sha256=state_sha256(MLPFlowNet.from_pretrained(str(teachers[0]))))
+    CouplingStore(other, teacher_state_sha256=state_sha256(MLPFlowNet.from_pretrained(str(teachers[1]))))
+
+
+def test_couple_cli_refuses_to_clobber_or_mix_settings(tmp_path, teachers, capsys):
+    spec = dict(SMALL)
+    args = cli_args(tmp_path / "run", teachers[0], spec)
+    assert cli_main(["couple", *args]) == 0
+    assert cli_main(["couple", *args]) == 2
+    assert "already holds couplings" in capsys.readouterr().err
+    assert cli_main(["couple", *args, "distiller.couple.seed=6", "--resume"]) == 2
+    assert "coupling setting 'seed' differs" in capsys.readouterr().err
+    assert cli_main(["couple", *args, f"teacher={teachers[1]}", "--resume"]) == 2
+    assert "teacher_sha256" in capsys.readouterr().err
+    # n_pairs may grow on resume: only the new/short shards are (re)made
+    before = files(tmp_path / "run" / "couplings")
+    assert cli_main(["couple", *args, "distiller.couple.n_pairs=300", "--resume"]) == 0
+    after = files(tmp_path / "run" / "couplings")
+    assert len(after) == 6 and all(after[k] == before[k] for k in [shard_name(i) for i in range(4)])
+    assert CouplingStore(tmp_path / "run" / "couplings").load_all()["sample"].shape[0] == 300
+    assert cli_main(["couple", *args, "distiller.couple.n_pairs=300", "--overwrite"]) == 0
+    bad = ["couple", "distiller.name=flow_matching", f"out_dir={tmp_path}/x", f"teacher={teachers[0]}"]
+    assert cli_main(bad) == 2
+    assert "does not train on couplings" in capsys.readouterr().err
+
+
+def test_batches_and_streams_do_not_depend_on_process_count(small_store):
+    src = CouplingSource(CouplingStore(small_store))
+    full = src.batch(StepRNG(0, 7), 64)
+    parts = [src.batch(StepRNG(0, 7, rank=r, world=4), 16) for r in range(4)]
+    for k in ("x", "noise"):
+        assert torch.equal(full[k], torch.cat([p[k] for p in parts]))
+    # pairs stay paired: the sample of a noise row is that row's sample
+    i = int((src.noise == full["noise"][0]).all(dim=1).nonzero()[0])
+    assert torch.equal(src.x[i], full["x"][0])
+    store = CouplingStore(small_store)
+    seen = [torch.stack([d["noise"] for d in CouplingStream(store, rank=r, world=2, seed=1)])
+            for r in range(2)]
+    allrows = torch.cat(seen)
+    assert allrows.shape[0] == 230
+    assert torch.unique(allrows, dim=0).shape[0] == 230
+
+
+def test_conditional_guided_store_keeps_labels_and_null_share(tmp_path):
+    torch.manual_seed(0)
+    MLPFlowNet(data_dim=2, hidden=32, depth=2, num_classes=8).save_pretrained(str(tmp_path / "t"))
+    spec = CoupleSpec(n_pairs=400, shard_size=200, chunk_size=100, solver="euler", nfe=4,
+                      guidance_scale=2.0, uncond_share=0.25)
+    root = generate_couplings(tmp_path / "t", tmp_path / "c", spec, (2,), conditional=True, progress=False)
+    src = CouplingSource(CouplingStore(root))
+    assert src.num_classes == 8 and src.cond.shape == (400,)
+    null = (src.cond == 8).float().mean().item()
+    assert 0.15 < null < 0.35 and set(src.cond.unique().tolist()) == set(range(9))
+    assert set(src.batch(StepRNG(0, 0), 16)) == {"x", "noise", "cond"}
+    # guidance changed the pairs: an unguided store of the same noise differs
+    unguided = CoupleSpec(**{**spec.__dict__, "guidance_scale": 1.0})
+    plain = generate_couplings(tmp_path / "t", tmp_path / "p", unguided, (2,), conditional=True,
+                               progress=False)
+    p = CouplingStore(plain).load_all()
+    assert torch.equal(p["noise"], src.noise) and torch.equal(p["cond"], src.cond)
+    assert not torch.allclose(p["sample"], src.x)
+    with pytest.raises(ConfigError, match="needs a class-conditional teacher"):
+        generate_couplings(tmp_path / "t", tmp_path / "u", spec, (2,), conditional=False, progress=False)
