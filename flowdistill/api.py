@@ -15,7 +15,8 @@ from flowdistill.config import JobConfig, load_config, to_yaml
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.distillers import DISTILLERS, Distiller
 from flowdistill.errors import CheckpointError, ConfigError
-from flowdistill.models.loading import build_model, load_model_dir
+from flowdistill.models import build_model
+from flowdistill.models.loading import load_model_dir
 from flowdistill.runs import export_student, prepare_run_dir, read_meta
 from flowdistill.training.loop import Trainer
 
@@ -78,7 +79,7 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
         teacher = load_model_dir(_model_dir(Path(cfg.teacher)))
         params = {**dict(teacher.config), **dict(cfg.model.params), "two_time": two_time}
         params = {k: v for k, v in params.items() if not k.startswith("_")}
-        student = build_model(cfg.model.name, params)
+        student = build_model(cfg.model.name, **params)
         _check_compatible(student, teacher, cfg)
         init = getattr(student, "init_from", None)
         if callable(init):
@@ -87,7 +88,7 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
             student.load_state_dict(teacher.state_dict(), strict=False)
     else:
         num_classes = source.num_classes if source is not None else 0
-        student = build_model(cfg.model.name, _default_params(cfg, num_classes, two_time))
+        student = build_model(cfg.model.name, **_default_params(cfg, num_classes, two_time))
     return cls(cfg.distiller, student, teacher)
 
 

@@ -10,6 +10,7 @@ import torch_fidelity
 
 from flowdistill.data.digits import DigitsDataset, digits_tensors
 from flowdistill.eval import fid as fidmod
+from flowdistill.eval import image_io, inception
 from flowdistill.eval.fid import compute_fid, digits_fid_floor, save_png_folder, to_uint8
 
 KEYS = ("fid", "kid_mean", "kid_std", "precision", "recall")
@@ -102,7 +103,7 @@ def test_input_forms_agree(real):
     s1 = compute_fid(sampler, b, n=150, batch_size=64, seed=3, kid_subsets=10)
     s2 = compute_fid(sampler, b, n=150, batch_size=64, seed=3, kid_subsets=10)
     assert calls == [64, 64, 22] * 2 and s1 == s2 and s1["n"] == 150
-    drawn = fidmod.sample_images(sampler, 150, batch_size=64, seed=3)
+    drawn = image_io.sample_images(sampler, 150, batch_size=64, seed=3)
     assert compute_fid(drawn, b, seed=3, kid_subsets=10) == s1  # seed also draws the KID subsets
 
 
@@ -186,19 +187,20 @@ def test_inception_offline_local_weights(real, tmp_path, monkeypatch):
     """The inception path runs from a local safetensors or weights_only torch file, never downloading."""
     from safetensors.torch import save_file
 
-    monkeypatch.setattr(fidmod.SafeInceptionV3, "INPUT_IMAGE_SIZE", 75)  # smallest valid input: fast on CPU
+    # smallest valid input: fast on CPU
+    monkeypatch.setattr(inception.SafeInceptionV3, "INPUT_IMAGE_SIZE", 75)
 
     state = _random_inception_state()
     st_path, pt_path = tmp_path / "incep.safetensors", tmp_path / "incep.pth"
     save_file(state, str(st_path))
     torch.save(state, pt_path)
-    loaded = fidmod.load_weights_file(pt_path)
+    loaded = inception.load_weights_file(pt_path)
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     a, b, _ = real
     r = compute_fid(a[:5], b[:5], feature_extractor="inception", inception_weights=st_path)
     assert r["n"] == 5 and all(math.isfinite(r[k]) for k in KEYS)
     fe = fidmod.create_feature_extractor(  # the .pth route, loaded with weights_only=True
-        fidmod.INCEPTION_EXTRACTOR_NAME,
+        inception.INCEPTION_EXTRACTOR_NAME,
         ["2048"],
         cuda=False,
         verbose=False,

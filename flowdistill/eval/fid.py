@@ -8,16 +8,13 @@ and the reference as a tensor, a dataset of real images or a folder. It returns
 How the pieces fit:
 
 - Every input becomes uint8 ``[N, 3, H, W]`` images in 0..255 before the feature network, exactly
-  once: float images in [-1, 1] map by ``round((x + 1) · 127.5)`` (values are clamped to [-1, 1]
-  first; anything beyond ±2, or non-finite, is rejected as a wrong scale), uint8 tensors are taken
-  as 0..255, and grayscale is replicated to 3 channels. Folders are read the way torch-fidelity
-  reads them (``png,jpg,jpeg`` files directly in the folder, sorted, converted to RGB), so a folder
-  of PNGs written by ``save_png_folder`` gives the same numbers as the tensor it came from.
+  once (:mod:`flowdistill.eval.image_io`: float [-1, 1] → ``round((x + 1) · 127.5)``, uint8 as is,
+  grayscale replicated; folders read the way torch-fidelity reads them, so a folder of PNGs written
+  by ``save_png_folder`` gives the same numbers as the tensor it came from).
 - Features come from torch-fidelity's registered extractors: ``"digits"`` is the bundled digits
   classifier (``flowdistill.eval.digits_features``, 64-d penultimate layer), ``"inception"`` is
   torch-fidelity's ``inception-v3-compat`` (2048-d pool features) with its weights read from a
-  local file (``inception_weights``; safetensors, or a torch file loaded with
-  ``weights_only=True``) — nothing is downloaded.
+  local file (``inception_weights``; :mod:`flowdistill.eval.inception`) — nothing is downloaded.
 - The metrics are torch-fidelity's own FID / KID / PRC functions applied to those features (the
   same functions ``torch_fidelity.calculate_metrics`` uses; a test checks agreement with it).
   We call them directly, rather than ``calculate_metrics``, so that each input passes through the
@@ -44,275 +41,23 @@ import hashlib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
-from torch_fidelity import feature_extractor_inceptionv3 as _tf_inception
-from torch_fidelity.datasets import ImagesPathDataset
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset, glob_samples_paths
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from flowdistill.eval import digits_features
-
-Sampler = Callable[[int, torch.Generator], Tensor]
-ImageSource = Sampler | Tensor | Dataset | str | os.PathLike
-
-FOLDER_EXTENSIONS = "png,jpg,jpeg"
-RANGE_LIMIT = 2.0  # float images beyond ±RANGE_LIMIT are a wrong scale (e.g. 0..255), not overshoot
-INCEPTION_EXTRACTOR_NAME = "flowdistill-inception-v3"
-INCEPTION_HUB_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_HUB_FILE
-
-
-# --------------------------------------------------------------------------- inception, offline
-
-
-def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A state dict from ``.safetensors`` (safetensors) or a torch file (``weights_only=True``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"weights file {str(p)!r} not found")
-    if p.suffix == ".safetensors":
-        return load_file(str(p), device="cpu")
-    state = torch.load(str(p), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"weights file {str(p)!r} does not hold a plain state dict of tensors")
-    return state
-
-
-class SafeInceptionV3(_tf_inception.FeatureExtractorInceptionV3):
-    """torch-fidelity's ``inception-v3-compat`` with weights from a local file, never unpickled.
-
-    torch-fidelity itself loads a given weights path with ``torch.load(weights_only=False)`` and
-    downloads when none is given; here the state dict is read safely first and handed to it.
-    """
-
-    def __init__(
-        self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs
-    ) -> None:
-        """Read the weights safely, then build torch-fidelity's network around them."""
-        if feature_extractor_weights_path is None:
-            raise ValueError("the inception extractor needs a local weights file (weights path is None)")
-        state = load_weights_file(feature_extractor_weights_path)
-        with mock.patch.object(_tf_inception, "load_state_dict_from_url", lambda *a, **k: state):
-            super().__init__(name, features_list, feature_extractor_weights_path=None, **kwargs)
-
-
-def _register_inception() -> None:
-    """Register the offline inception extractor with torch-fidelity (idempotent)."""
-    if INCEPTION_EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(INCEPTION_EXTRACTOR_NAME, SafeInceptionV3)
-
-
-_register_inception()
-
-
-def _inception_weights_path(path: str | os.PathLike | None) -> Path:
-    """The inception weights file: the given path, else torch hub's cached copy; ValueError if none."""
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"inception weights file {str(p)!r} not found")
-        return p
-    p = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_HUB_FILE
-    if not p.is_file():
-        raise ValueError(
-            f"feature_extractor='inception' runs offline and needs inception_weights=PATH "
-            f"(torch-fidelity's {INCEPTION_HUB_FILE} from {INCEPTION_URL}, or a safetensors copy)"
-        )
-    return p
-
-
-# --------------------------------------------------------------------------- image conversion
-
-
-def to_uint8(images: Tensor, what: str = "images") -> Tensor:
-    """Validate ``[N, C, H, W]`` images (C = 1 or 3) and return them as uint8 0..255 on the CPU.
-
-    Float images must be in [-1, 1] (clamped; values beyond ±2 or non-finite raise ValueError);
-    uint8 images are returned unchanged.
-    """
-    if not torch.is_tensor(images):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] < 1:
-        raise ValueError(f"{what} must have shape [N, 1 or 3, H, W] with N >= 1, got {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images.detach().cpu()
-    if not images.is_floating_point():
-        raise ValueError(f"{what} must be float in [-1, 1] or uint8 in 0..255, got dtype {images.dtype}")
-    x = images.detach().to("cpu", torch.float32)
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{what} contain NaN or inf values")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -RANGE_LIMIT or hi > RANGE_LIMIT:
-        raise ValueError(f"{what} must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] (wrong scale?)")
-    return ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-
-
-def save_png_folder(images: Tensor, folder: str | os.PathLike, prefix: str = "") -> list[Path]:
-    """Write images (float [-1, 1] or uint8) as ``folder/<prefix>NNNNNN.png``; returns the paths."""
-    x = to_uint8(images)
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(x):
-        arr = img.permute(1, 2, 0).numpy()
-        pil = Image.fromarray(arr[:, :, 0]) if arr.shape[2] == 1 else Image.fromarray(arr)
-        p = out / f"{prefix}{i:06d}.png"
-        pil.save(p)
-        paths.append(p)
-    return paths
-
-
-class _UInt8Images(Dataset):
-    """uint8 ``[N, C, H, W]`` images served as ``[3, H, W]`` (grayscale replicated)."""
-
-    def __init__(self, images: Tensor):
-        self.images = images
-
-    def __len__(self) -> int:
-        """Number of images."""
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> Tensor:
-        """Image ``i`` as uint8 ``[3, H, W]``."""
-        x = self.images[i]
-        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class _Input:
-    """A resolved input: a dataset of uint8 ``[3, H, W]`` images and how to fingerprint it."""
-
-    dataset: Dataset
-    n: int
-    fingerprint: Callable[[], str]
-
-
-def _tensor_input(x: Tensor) -> _Input:
-    """Wrap validated uint8 images."""
-
-    def fp() -> str:
-        """Hash of the shape and uint8 pixels."""
-        h = hashlib.sha256(str(tuple(x.shape)).encode())
-        h.update(x.contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-
-    return _Input(_UInt8Images(x), x.shape[0], fp)
-
-
-def _folder_input(path: str | os.PathLike, what: str, n: int | None) -> _Input:
-    """A flat folder of png/jpg images read like torch-fidelity reads it."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ValueError(f"{what} folder {str(p)!r} does not exist or is not a directory")
-    files = glob_samples_paths(str(p), False, FOLDER_EXTENSIONS, None, verbose=False)
-    if not files:
-        raise ValueError(f"{what} folder {str(p)!r} contains no {FOLDER_EXTENSIONS} images")
-    if n is not None:
-        if len(files) < n:
-            raise ValueError(f"{what} folder {str(p)!r} has {len(files)} images, fewer than n={n}")
-        files = files[:n]
-
-    def fp() -> str:
-        """Hash of the file names, sizes and modification times."""
-        h = hashlib.sha256()
-        for f in files:
-            st = os.stat(f)
-            h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
-        return h.hexdigest()[:16]
-
-    return _Input(ImagesPathDataset(files), len(files), fp)
-
-
-def _dataset_images(ds: Dataset, what: str, n: int | None) -> Tensor:
-    """Stack the images of a dataset whose items are tensors or ``(tensor, ...)`` tuples."""
-    if hasattr(ds, "images") and torch.is_tensor(ds.images):
-        x = ds.images
-        return x if n is None else x[:n]
-    count = len(ds) if n is None else min(n, len(ds))
-    items = []
-    for i in range(count):
-        item = ds[i]
-        item = item[0] if isinstance(item, (tuple, list)) else item
-        if not torch.is_tensor(item):
-            raise ValueError(f"{what} dataset items must be image tensors or (image, label) tuples")
-        items.append(item)
-    if not items:
-        raise ValueError(f"{what} dataset is empty")
-    return torch.stack(items)
-
-
-@torch.no_grad()
-def sample_images(
-    sampler: Sampler, n: int, batch_size: int = 256, seed: int = 0, device: str = "cpu"
-) -> Tensor:
-    """Draw ``n`` images from ``sampler(b, generator)`` in batches; uint8 ``[n, C, H, W]`` on the CPU.
-
-    One ``torch.Generator`` on ``device`` seeded with ``seed`` is passed to every call, so the
-    result depends only on (sampler, n, batch_size, seed).
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-    out: list[Tensor] = []
-    done = 0
-    while done < n:
-        b = min(batch_size, n - done)
-        x = sampler(b, g)
-        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[0] != b:
-            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"sampler(n={b}, generator) must return [n, C, H, W] images, got {shape}")
-        xb = to_uint8(x, "sampler outputs")
-        if out and xb.shape[1:] != out[0].shape[1:]:
-            before, now = tuple(out[0].shape[1:]), tuple(xb.shape[1:])
-            raise ValueError(f"sampler changed image shape between calls: {before} vs {now}")
-        out.append(xb)
-        done += b
-    return torch.cat(out)
-
-
-def _resolve(
-    source: ImageSource, what: str, n: int | None, batch_size: int, seed: int, device: str
-) -> _Input:
-    """Turn a sampler, tensor, dataset or folder into an ``_Input``."""
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if isinstance(source, (str, os.PathLike)):
-        return _folder_input(source, what, n)
-    if torch.is_tensor(source):
-        x = to_uint8(source, what)
-        if n is not None:
-            if x.shape[0] < n:
-                raise ValueError(f"{what} has {x.shape[0]} images, fewer than n={n}")
-            x = x[:n]
-        return _tensor_input(x)
-    if isinstance(source, Dataset):
-        x = _dataset_images(source, what, n)
-        if n is not None and x.shape[0] < n:
-            raise ValueError(f"{what} has {x.shape[0]} images, fewer than n={n}")
-        return _tensor_input(to_uint8(x, what))
-    if callable(source):
-        if n is None:
-            raise ValueError(f"{what}: a sampler needs n, the number of images to draw")
-        return _tensor_input(sample_images(source, n, batch_size, seed, device))
-    raise ValueError(
-        f"{what} must be a sampler callable, an image tensor, a Dataset or a folder path, "
-        f"got {type(source).__name__}"
-    )
-
+from flowdistill.eval.image_io import ImageInput, ImageSource, resolve_input, save_png_folder, to_uint8
+from flowdistill.eval.inception import INCEPTION_EXTRACTOR_NAME, inception_weights_path
 
 # --------------------------------------------------------------------------- features and cache
 
@@ -333,7 +78,9 @@ def _digest(path: Path) -> str:
     return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
-def _extract(extractor: torch.nn.Module, inp: _Input, layer: str, batch_size: int, cuda: bool, verbose: bool):
+def _extract(
+    extractor: torch.nn.Module, inp: ImageInput, layer: str, batch_size: int, cuda: bool, verbose: bool
+) -> Tensor:
     """Features ``[N, D]`` of one input through a torch-fidelity extractor."""
     feats = get_featuresdict_from_dataset(inp.dataset, extractor, batch_size, cuda, True, verbose)
     return feats[layer].to(torch.float32)
@@ -400,7 +147,7 @@ def compute_fid(
         weights = digits_features.resolve_weights_path(digits_weights)
     elif feature_extractor == "inception":
         tf_name = INCEPTION_EXTRACTOR_NAME
-        weights = _inception_weights_path(inception_weights)
+        weights = inception_weights_path(inception_weights)
     else:
         raise ValueError(f"feature_extractor must be 'digits' or 'inception', got {feature_extractor!r}")
     if cuda and not torch.cuda.is_available():
@@ -413,8 +160,8 @@ def compute_fid(
         raise ValueError(
             f"reference must be real images (tensor, Dataset or folder), got {type(reference).__name__}"
         )
-    inp = _resolve(samples, "samples", n, batch_size, seed, device)
-    ref = _resolve(reference, "reference", n_ref, batch_size, seed, device)
+    inp = resolve_input(samples, "samples", n, batch_size, seed, device)
+    ref = resolve_input(reference, "reference", n_ref, batch_size, seed, device)
     if min(inp.n, ref.n) <= max(1, prc_neighborhood):
         raise ValueError(
             f"need more than max(1, prc_neighborhood={prc_neighborhood}) images per set, "
@@ -495,12 +242,8 @@ def digits_fid_floor(n: int | None = None, size: int = 8, *, seed: int = 0, **kw
 
 
 __all__ = [
-    "Sampler",
-    "SafeInceptionV3",
     "compute_fid",
     "digits_fid_floor",
-    "load_weights_file",
-    "sample_images",
     "save_png_folder",
     "to_uint8",
 ]

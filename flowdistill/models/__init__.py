@@ -27,7 +27,7 @@ MODELS.register("unet")(UNetFlowNet)
 MODELS.register("dit")(DiTFlowNet)
 
 
-def build_model(name: str, **cfg: Any) -> nn.Module:
+def build_model(name: str, /, **cfg: Any) -> nn.Module:
     """Instantiate the registered net ``name`` with config ``cfg``; a bad argument is a ConfigError."""
     cls = MODELS.get(name)
     try:

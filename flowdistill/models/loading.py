@@ -1,43 +1,25 @@
-"""Build registered networks from a spec and load saved ones without importing by string."""
+"""Load saved networks (``save_pretrained`` directories) without importing by string."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from flowdistill.core.registry import UnknownNameError
-from flowdistill.errors import CheckpointError, ConfigError
-
-
-def _registry():
-    from flowdistill.models import MODELS
-
-    return MODELS
-
-
-def build_model(name: str, params: dict[str, Any]) -> nn.Module:
-    """Instantiate the registered network ``name``; bad arguments are a :class:`ConfigError`."""
-    cls = _registry().get(name)
-    try:
-        return cls(**params)
-    except TypeError as e:
-        raise ConfigError(f"model {name!r}: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"model {name!r}: {e}") from None
+from flowdistill.errors import CheckpointError
+from flowdistill.models import MODELS
 
 
 def model_class_by_class_name(class_name: str) -> type:
     """The registered class whose ``__name__`` is ``class_name`` (from a saved ``config.json``)."""
-    reg = _registry()
-    for n in reg.names():
-        cls = reg.get(n)
+    for n in MODELS.names():
+        cls = MODELS.get(n)
         if cls.__name__ == class_name:
             return cls
     raise UnknownNameError(f"saved model class {class_name!r} is not a registered flowdistill model; "
-                           f"available: {', '.join(reg.get(n).__name__ for n in reg.names())}")
+                           f"available: {', '.join(MODELS.get(n).__name__ for n in MODELS.names())}")
 
 
 def load_model_dir(path: str | Path) -> nn.Module:
