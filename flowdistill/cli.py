@@ -1,12 +1,14 @@
 """``flowdistill`` command line: thin over :mod:`flowdistill.api`.
 
-Every user error (bad config, unknown name, missing checkpoint, existing run, diverged loss)
-prints one line ``error: ...`` and exits with status 2; nothing is overwritten.
+Every user error (bad config, unknown name, missing checkpoint, existing run, diverged loss, a
+value a solver cannot take) prints one line ``error: ...`` and exits with status 2; nothing is
+overwritten. ``FLOWDISTILL_TRACEBACK=1`` re-raises a ``ValueError`` with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -181,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_demo(args)
     except (FlowDistillError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad values met below the config layer (e.g. an NFE a solver cannot take)
+        if os.environ.get("FLOWDISTILL_TRACEBACK"):
+            raise
+        print(f"error: {e} (set FLOWDISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,10 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> subp
 def student_weights(run_dir: Path) -> dict:
     """The exported student's tensors."""
     return load_file(str(Path(run_dir) / "student" / "diffusion_pytorch_model.safetensors"))
+
+
+def free_port() -> int:
+    """A TCP port free right now (for torchrun rendezvous; a fixed port collides with parallel runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -48,6 +48,9 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
                     "no run to resume")
     args = [f"out_dir={tmp_path / 'run'}", *TINY_TEACHER, "train.steps=4", "train.ckpt_every=2"]
     assert cli("train-teacher", *args).returncode == 0
+    # a value the solver cannot take (Heun spends 2 evaluations per step)
+    _one_line_error(cli("eval", str(tmp_path / "run"), "--nfe", "3", "--solver", "heun", "--n", "64"),
+                    "heun", "multiple")
     ck = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     (ck / "model.safetensors").write_bytes(b"garbage")
     _one_line_error(cli("train-teacher", *args[:-2], "train.steps=6", "train.ckpt_every=2", "--resume"),

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY_TEACHER, student_weights
+from tests.helpers import REPO, TINY_TEACHER, free_port, student_weights
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux", reason="torchrun missing")
@@ -19,7 +19,7 @@ def test_two_processes_match_one(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "tests/dist_train_worker.py",
+                          "--master_port", str(free_port()), "tests/dist_train_worker.py",
                           f"out_dir={tmp_path / 'two'}", *args],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]

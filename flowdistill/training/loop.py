@@ -186,6 +186,10 @@ class Trainer:
                     raise TrainingDiverged(
                         f"non-finite loss ({loss.item()}) in group {g.name!r} at step {self.step}; "
                         f"training stopped, last good checkpoint kept in {self.ckpt_root}")
+                if not loss.requires_grad:
+                    # nothing of this group is active at this step (e.g. a loss switched on later):
+                    # no update, the same decision on every rank since it depends on the step only
+                    continue
                 loss.backward()
                 self._sync_grads(g.params)
                 if self.cfg.grad_clip > 0:
