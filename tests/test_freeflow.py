@@ -193,3 +193,22 @@ def test_cli_distill_and_mismatch_errors(tmp_path, teacher_dir):
                     "conditioning mismatch", "num_classes")
     _one_line_error(cli("distill", *base, f"out_dir={tmp_path / 'c'}", "distiller.name=nope"),
                     "nope", "freeflow", "flow_matching")
+
+
+def test_correction_only_with_warmup_and_multi_nfe_correction(tmp_path, teacher_dir):
+    """mode=correction before its warm-up has nothing to train: those steps leave the student as it
+    is (no crash), later ones move it; correction_nfe=[1, 2] corrects 2-jump samples through both
+    jumps."""
+    cfg = _ff(tmp_path, teacher_dir, "co", "train.steps=4", "distiller.mode=correction",
+              "distiller.correction_warmup=2", "train.ema_decay=0")
+    run = train(cfg)
+    log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "student/corr" in r] == [3, 4]  # steps 2 and 3 (logged after)
+    assert student_weights(run).keys()
+    d = build_distiller_for(_ff(tmp_path, teacher_dir, "mn", "distiller.correction_nfe=[1,2]"))
+    eps = torch.randn(6, 2)
+    x = d._student_samples(eps, None)
+    torch.testing.assert_close(x[0::2], d.sample(eps[0::2], 1))
+    torch.testing.assert_close(x[1::2], d.sample(eps[1::2], 2))
+    with pytest.raises(ConfigError, match="correction_nfe"):
+        FreeFlowConfig(correction_nfe=[0]).validate()

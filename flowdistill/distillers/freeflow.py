@@ -27,6 +27,23 @@ no-grad student jump — still data-free), and applies the same identity from th
 map from intermediate times, which is what 2-, 4-, … step sampling uses, and keeps it
 consistent with the one-jump path.
 
+*Beyond the paper* (``shortcut_weight``): the composition of two half jumps is a second
+stop-gradient target for the same ``u`` (the self-consistency of shortcut models, Frans et al.
+2024, METHODS.md §1 "related objectives"); with ``m = (t + s)/2``,
+
+    L_sc = E ‖u_θ(x_t, t, s) − sg[ ½·(u_θ(x_t, t, m) + u_θ(X_θ(x_t, t, m), m, s)) ]‖²,
+
+robustly weighted like ``L_pred`` and added with weight ``shortcut_weight``. Short jumps are the
+accurate ones (``u → v_T`` as ``s → t``); this carries their accuracy to the long jumps that 1- and
+2-step sampling use, which the derivative identity alone reaches slowly. Measured on the
+checkerboard (1200 steps, see ``configs/freeflow_checkerboard.yaml``): weight 0.1 took the 1/2/4-jump
+sliced W2 from 0.038/0.034/0.030 to 0.032/0.031/0.029; weight 1 diverged (NaN at step 584).
+
+*Beyond the paper* (``correction_nfe``): the correction may also see the student's 2-, 4-…-jump
+samples (gradient through every jump), the batch split evenly among the listed jump counts. On
+the checkerboard ``[1, 2]`` did not help (1/2/4 jumps 0.038/0.036/0.035 against 0.038/0.034/0.030
+for ``[1]``), so the default stays ``[1]``.
+
 **Derivative** (decided here, measured). With the reference nets' default ``t − s`` embedding,
 sinusoids of ``1000·(t − s)`` (the teacher's time scale), the exact ``∂_s u`` (``derivative="jvp"``)
 is dominated by high-frequency features and makes a noisy, self-reinforcing target; a central
@@ -85,7 +102,7 @@ from flowdistill.core.dmd import dm_gradient, dm_surrogate_loss, fake_velocity_t
 from flowdistill.core.flowmap import flow_map_jump, sample_flow_map
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.sampling import guided
-from flowdistill.core.timesteps import TimeSamplerConfig
+from flowdistill.core.timesteps import TimeSamplerConfig, build_grid
 from flowdistill.distillers.base import (
     Distiller,
     DistillerConfig,
@@ -119,10 +136,14 @@ class FreeFlowConfig(DistillerConfig):
     multi_start: bool = True  # beyond the paper: start times along the student's own path
     multi_start_share: float = 0.5  # share of the batch that starts at t < 1
     t_min: float = 0.05  # multi-start times t ~ U(t_min, 1)
+    shortcut_weight: float = 0.0  # beyond the paper: self-consistency X(t→s) = X(m→s)∘X(t→m) (0 = off)
     # correction
     correction: bool = True
     correction_fraction: float = 0.5
     correction_warmup: int = 0
+    # beyond the paper: the student's samples that the correction sees are made with these numbers
+    # of jumps (the batch split evenly among them), so the 2-, 4-step outputs are corrected too
+    correction_nfe: list[int] = field(default_factory=lambda: [1])
     dm_normalize: bool = True
     r_sampler: TimeSamplerConfig = field(default_factory=_r_sampler_default)
     fake_repeats: int = 2
@@ -148,10 +169,15 @@ class FreeFlowConfig(DistillerConfig):
             raise ConfigError(f"distiller.t_min must be in [0, 1), got {self.t_min}")
         if self.adaptive_p < 0 or not self.adaptive_c > 0:
             raise ConfigError("distiller.adaptive_p must be >= 0 and distiller.adaptive_c positive")
+        if self.shortcut_weight < 0:
+            raise ConfigError(f"distiller.shortcut_weight must be >= 0, got {self.shortcut_weight}")
         if self.prediction_weight < 0 or self.correction_fraction < 0:
             raise ConfigError("distiller.prediction_weight and distiller.correction_fraction must be >= 0")
         if self.correction_warmup < 0:
             raise ConfigError(f"distiller.correction_warmup must be >= 0, got {self.correction_warmup}")
+        if not self.correction_nfe or any(int(k) < 1 for k in self.correction_nfe):
+            raise ConfigError(f"distiller.correction_nfe must be a non-empty list of positive jump counts, "
+                              f"got {list(self.correction_nfe)}")
         if self.fake_repeats < 1:
             raise ConfigError(f"distiller.fake_repeats must be >= 1, got {self.fake_repeats}")
         if not self.fake_lr_scale > 0:
@@ -295,18 +321,58 @@ class FreeFlow(Distiller):
         sq = diff.pow(2).reshape(b, -1).mean(dim=1)  # per-sample ‖Δ‖²/D
         if cfg.s_weight_c > 0:  # residual in x₀ units: ‖(s + c)·Δ‖², damps the stiff s → 0 end
             sq = sq * ((s + cfg.s_weight_c) / (1 + cfg.s_weight_c)).pow(2)
-        w = torch.ones_like(sq)
-        if cfg.adaptive_p > 0:  # MeanFlow-style robust weight 1/sg(‖Δ‖²/D + c)^p
-            w = (sq.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
+        w = self._robust_weight(sq)
         l_pred = (w * sq).mean()
         scale = w if cfg.s_weight_c <= 0 else w * ((s + cfg.s_weight_c) / (1 + cfg.s_weight_c)).pow(2)
-        grad = 2 * cfg.prediction_weight * self._bt(scale, diff) * diff.detach() / diff.numel()
+        grad = 2 * self._bt(scale, diff) * diff.detach()
+        if cfg.shortcut_weight > 0:
+            diff_sc = u - self._shortcut_target(x_t, t, s, cond)
+            sq_sc = diff_sc.pow(2).reshape(b, -1).mean(dim=1)
+            w_sc = cfg.shortcut_weight * self._robust_weight(sq_sc)
+            l_pred = l_pred + (w_sc * sq_sc).mean()
+            grad = grad + 2 * self._bt(w_sc, diff_sc) * diff_sc.detach()
+        grad = cfg.prediction_weight * grad / diff.numel()
         return l_pred, sq.detach().mean(), _rms(grad)
 
+    def _robust_weight(self, sq: Tensor) -> Tensor:
+        """MeanFlow-style per-sample weight ``1/sg(‖Δ‖²/D + c)^p`` (ones when ``p = 0``)."""
+        if self.cfg.adaptive_p <= 0:
+            return torch.ones_like(sq)
+        return (sq.detach() + self.cfg.adaptive_c).pow(-self.cfg.adaptive_p)
+
+    @torch.no_grad()
+    def _shortcut_target(self, x_t: Tensor, t: Tensor, s: Tensor, cond: Tensor | None) -> Tensor:
+        """Average velocity of two half jumps, ``½·(u(x_t, t, m) + u(X(x_t, t, m), m, s))`` with
+        ``m = (t + s)/2``: the jump ``t → s`` made by composing the student with itself (shortcut
+        models' self-consistency, Frans et al. 2024), a stop-gradient target for ``u(x_t, t, s)``."""
+        m = 0.5 * (t + s)
+        u1 = self.student(x_t, t, m, cond=cond)
+        x_m = x_t + self._bt(m - t, x_t) * u1
+        return 0.5 * (u1 + self.student(x_m, m, s, cond=cond))
+
     def _student_samples(self, eps: Tensor, cond: Tensor | None) -> Tensor:
-        """The student's one-step samples ``x̂ = X_θ(ε, 1, 0)`` (with gradient when enabled)."""
-        ones = torch.ones(eps.shape[0], device=eps.device, dtype=eps.dtype)
-        return flow_map_jump(self.student, eps, ones, torch.zeros_like(ones), cond)
+        """The student's samples (with gradient when enabled): sample ``i`` is made with
+        ``k = correction_nfe[i mod len]`` jumps on the sampling grid, ``x̂ = X_θ(ε, 1, 0)`` for
+        ``k = 1``, the ``k``-step chain of jumps otherwise (gradient through every jump)."""
+        nfes = [int(k) for k in self.cfg.correction_nfe]
+        if len(nfes) == 1:
+            return self._k_jumps(eps, cond, nfes[0])
+        which = torch.arange(eps.shape[0], device=eps.device) % len(nfes)
+        out = torch.empty_like(eps)
+        for j, k in enumerate(nfes):
+            idx = (which == j).nonzero(as_tuple=True)[0]
+            if idx.numel():
+                sub = None if cond is None else cond[idx]
+                out = out.index_put((idx,), self._k_jumps(eps[idx], sub, k))
+        return out
+
+    def _k_jumps(self, x: Tensor, cond: Tensor | None, k: int) -> Tensor:
+        """``k`` student jumps edge to edge on the ``sample_grid`` from ``t = 1`` to ``0``."""
+        g = build_grid(self.cfg.sample_grid, k, device=x.device).to(x.dtype)
+        for i in range(k):
+            t, s = g[i].expand(x.shape[0]), g[i + 1].expand(x.shape[0])
+            x = flow_map_jump(self.student, x, t, s, cond)
+        return x
 
     def _correction(self, eps: Tensor, cond: Tensor | None, rng: StepRNG) -> tuple[Tensor, Tensor]:
         """Raw ``L_corr`` (mean over the batch) and the RMS of its gradient at ``x̂``."""
