@@ -17,8 +17,12 @@ and ``distiller`` sections. Each stage becomes a plain job config written to
 so any stage can be rerun by hand — with its run in ``OUT_DIR/2rf`` resp. ``OUT_DIR/instaflow``
 and its couplings inside that run (``…/couplings``). Every step resumes: a complete coupling
 store is re-verified and kept, a partial one is finished, a finished run is skipped and an
-interrupted one continues from its newest checkpoint. For toy targets the driver ends with a
-table (``OUT_DIR/report.md``) of sliced W2, energy distance and straightness.
+interrupted one continues from its newest checkpoint. The driver ends with a table
+(``OUT_DIR/report.md`` and ``report.json``) of straightness beside sliced W2 and energy distance
+(toy targets) or FID with digits-classifier features (digits, n = 360; Inception for image
+folders), and ``OUT_DIR/timings.json`` keeps the wall time of every coupling and training step
+that ran. The teacher may be a run directory, its ``student/``, or a shipped model directory such
+as ``assets/digits_teacher`` (config: ``flowdistill/configs/reflow_digits.yaml``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +38,12 @@ from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flowdistill.api import load_run, sample_shape_of, train
-from flowdistill.config import JobConfig, load_config
+from flowdistill.api import LoadedRun, load_run, sample_shape_of, train
+from flowdistill.config import DataSpec, JobConfig, load_config
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.couplings.generation import generate_couplings
-from flowdistill.data.couplings import MANIFEST
-from flowdistill.errors import ConfigError, FlowDistillError
+from flowdistill.data.couplings import MANIFEST, read_manifest
+from flowdistill.errors import CheckpointError, ConfigError, FlowDistillError
 from flowdistill.runs import atomic_write_text, holds_run, read_meta
 
 STAGES = {"reflow": ("reflow", "2rf"), "instaflow": ("instaflow", "instaflow")}  # section: (distiller, dir)
@@ -114,25 +119,50 @@ def stage_config(pipe: DictConfig, stage: str, teacher: str, sub: str | None = N
         raise ConfigError(f"pipeline stage '{stage}' ({f}): {e}") from None
 
 
-def run_stage(cfg: JobConfig, progress: bool = True) -> Path:
-    """Couple (resuming a store that exists) and train (skipping a finished run, resuming a partial)."""
+def _record_time(timings: Path | None, key: str, seconds: float) -> None:
+    """Add ``key: seconds`` to the JSON file ``timings`` (nothing when ``timings`` is None)."""
+    if timings is None:
+        return
+    d = json.loads(timings.read_text()) if timings.is_file() else {}
+    d[key] = round(seconds, 1)
+    atomic_write_text(timings, json.dumps(d, indent=2) + "\n")
+
+
+def run_stage(cfg: JobConfig, progress: bool = True, timings: Path | None = None) -> Path:
+    """Couple (resuming a store that exists) and train (skipping a finished run, resuming a partial).
+
+    With ``timings`` (a JSON file) the wall seconds of the coupling and training steps that did
+    work are recorded under ``<run dir name>/couple`` and ``<run dir name>/train``.
+    """
     store = Path(cfg.distiller.couplings)
-    couple_job(cfg, resume=(store / MANIFEST).is_file(), progress=progress)
     run_dir = Path(cfg.out_dir)
+    exists = (store / MANIFEST).is_file()
+    complete = exists and bool(read_manifest(store).get("complete")) \
+        and read_manifest(store).get("n_pairs") == cfg.distiller.couple.n_pairs
+    t0 = time.perf_counter()
+    couple_job(cfg, resume=exists, progress=progress)
+    main = PartialState().is_main_process
+    if not complete and main:
+        _record_time(timings, f"{run_dir.name}/couple", time.perf_counter() - t0)
     meta = read_meta(run_dir / "student") if (run_dir / "student").is_dir() else {}
     if meta.get("steps") == cfg.train.steps and meta.get("distiller") == cfg.distiller.name:
         return run_dir
-    return train(cfg, resume=holds_run(run_dir))
+    t0 = time.perf_counter()
+    out = train(cfg, resume=holds_run(run_dir))
+    if main:
+        _record_time(timings, f"{run_dir.name}/train", time.perf_counter() - t0)
+    return out
 
 
 def run_pipeline(path: str | Path, overrides: list[str] | None = None,
                  report: bool = True) -> dict[str, Path]:
     """teacher → couplings → 2-RF → couplings → InstaFlow student; returns the run directories."""
     pipe = load_pipeline(path, overrides)
+    timings = Path(str(pipe.out_dir)) / "timings.json"
     rf_cfg = stage_config(pipe, "reflow", str(pipe.teacher))
-    rf_dir = run_stage(rf_cfg)
+    rf_dir = run_stage(rf_cfg, timings=timings)
     st_cfg = stage_config(pipe, "instaflow", str(rf_dir))
-    st_dir = run_stage(st_cfg)
+    st_dir = run_stage(st_cfg, timings=timings)
     runs = {"teacher": Path(str(pipe.teacher)), "2rf": rf_dir, "student": st_dir}
     if report and PartialState().is_main_process:
         write_report(runs, st_cfg, Path(str(pipe.out_dir)))
@@ -161,50 +191,97 @@ def run_ablations(path: str | Path, overrides: list[str] | None = None,
         cfg = stage_config(pipe, "reflow", str(pipe.teacher), sub=f"ablation-{i}",
                            distiller_overrides={**over, "couplings": base.distiller.couplings})
         same = cfg.distiller == base.distiller and cfg.train == base.train
-        out[label] = run_stage(base) if same else run_stage(cfg)  # the chain's own 2-RF is not retrained
+        timings = Path(str(pipe.out_dir)) / "timings.json"
+        # the chain's own 2-RF is not retrained
+        out[label] = run_stage(base, timings=timings) if same else run_stage(cfg, timings=timings)
     return out
 
 
 def bench_rows(path: str | Path, overrides: list[str] | None = None, ablations: bool = True,
                n: int | None = None) -> list[dict[str, Any]]:
     """Everything the quality benchmark reports for reflow: runs (or resumes) the chain and the
-    ablations, then returns rows ``{model, nfe, sw2, sw2_floor, energy, straightness, ...}``."""
+    ablations, then returns :func:`pipeline_rows` (each with ``metric``/``value``/``floor``:
+    ``sw2`` on toy targets, ``fid`` on images, and ``straightness``)."""
     runs = run_pipeline(path, overrides, report=False)
     extra = run_ablations(path, overrides) if ablations else None
     pipe = load_pipeline(path, overrides)
     st = stage_config(pipe, "instaflow", str(runs["2rf"]))
-    return pipeline_rows(runs, st.distiller.steps, st.data.name, n=n or st.eval.n_samples,
-                         seed=st.eval.seed, extra=extra)
+    return pipeline_rows(runs, st.distiller.steps, st.data, n=n or st.eval.n_samples,
+                         seed=st.eval.seed, extra=extra, cache_dir=Path(str(pipe.out_dir)) / "fid_cache")
 
 
-def pipeline_rows(runs: dict[str, Path], steps: int, dataset: str, n: int = 4000, seed: int = 1234,
-                  extra: dict[str, Path] | None = None) -> list[dict[str, Any]]:
-    """Quality rows (:func:`flowdistill.eval.straightness.quality_rows`) of a finished chain:
-    teacher at 1, 2, 4, 128 steps, 2-RF at 1, 2, 4 (and 128), the student at its ``steps``;
-    ``extra`` adds 2-RF variants (ablations) at 1, 2, 4 steps."""
-    from flowdistill.eval.straightness import quality_rows
+def load_teacher_run(path: str | Path, data: DataSpec | None = None) -> LoadedRun:
+    """The chain's teacher as a :class:`~flowdistill.api.LoadedRun`, to sample and measure it.
 
-    loaded = {"teacher": load_run(runs["teacher"]), "2-RF": load_run(runs["2rf"]),
-              f"student ({steps}-step)": load_run(runs["student"])}
-    nfes = {"teacher": [1, 2, 4, 128], "2-RF": [1, 2, 4, 128], f"student ({steps}-step)": [steps]}
-    straight = {"teacher": 128, "2-RF": 128, f"student ({steps}-step)": steps}
+    ``path`` is a run directory, a run's ``student/``, or a saved model directory: a shipped
+    teacher with its ``train_config.yaml`` beside it (``assets/digits_teacher``), or a bare one,
+    which is sampled as a flow-matching velocity field on ``data`` (Euler).
+    """
+    from flowdistill.distillers import DISTILLERS
+    from flowdistill.models.loading import load_model_dir
+
+    p = Path(path)
+    if (p / "config.yaml").is_file():
+        return load_run(p)
+    if p.name == "student" and (p.parent / "config.yaml").is_file():
+        return load_run(p.parent)
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"teacher {p} is neither a run directory nor a saved model directory")
+    shipped = p / "train_config.yaml"
+    if shipped.is_file():
+        cfg = load_config(shipped, [f"out_dir={p}"])
+    else:
+        over = [f"out_dir={p}", "distiller.name=flow_matching"]
+        if data is not None:
+            over += [f"data.name={data.name}", f"data.image_size={data.image_size}"]
+        cfg = load_config(None, over)
+    model = load_model_dir(p)
+    return LoadedRun(cfg, model, DISTILLERS.get(cfg.distiller.name).for_inference(cfg.distiller, model), p)
+
+
+def pipeline_rows(runs: dict[str, Path], steps: int, dataset: str | DataSpec, n: int = 4000,
+                  seed: int = 1234, extra: dict[str, Path] | None = None,
+                  cache_dir: Path | None = None, many_nfe: int = 128) -> list[dict[str, Any]]:
+    """Quality rows (:func:`flowdistill.eval.straightness.quality_rows`) of a finished chain.
+
+    Teacher at 1, 2, 4 and ``many_nfe`` Euler steps, 2-RF at the same budgets, the student at its
+    ``steps``; ``extra`` adds 2-RF variants (ablations) at 1, 2, 4 steps. ``dataset`` is a toy name
+    (sliced W2 rows) or the data spec of an image dataset (FID rows, n = min(n, reference size);
+    the teacher is also measured with Heun at ``many_nfe`` evaluations — 64 steps at the default
+    128 —, its accurate reference). Straightness: at ``many_nfe`` Euler steps, the student at its
+    own ``steps``. Row labels: ``teacher``, ``2-RF``, ``student (<steps>-step)``, the ``extra`` keys.
+    """
+    from flowdistill.eval.straightness import is_image_dataset, quality_rows
+
+    image = is_image_dataset(dataset)
+    data = dataset if not isinstance(dataset, str) else None
+    student = f"student ({steps}-step)"
+    loaded = {"teacher": load_teacher_run(runs["teacher"], data), "2-RF": load_run(runs["2rf"]),
+              student: load_run(runs["student"])}
+    few: list[Any] = [1, 2, 4, many_nfe]
+    nfes: dict[str, list[Any]] = {"teacher": few + ([(many_nfe, "heun")] if image else []), "2-RF": few,
+                                  student: [steps]}
+    straight = {"teacher": many_nfe, "2-RF": many_nfe, student: steps}
     for name, d in (extra or {}).items():
-        loaded[name], nfes[name], straight[name] = load_run(d), [1, 2, 4], 128
-    return quality_rows(loaded, nfes, dataset, n=n, seed=seed, straight_nfe=straight)
+        loaded[name], nfes[name], straight[name] = load_run(d), [1, 2, 4], many_nfe
+    return quality_rows(loaded, nfes, dataset, n=n, seed=seed, straight_nfe=straight, cache_dir=cache_dir)
 
 
 def write_report(runs: dict[str, Path], student_cfg: JobConfig, out_dir: Path,
                  extra: dict[str, Path] | None = None) -> list[dict[str, Any]]:
-    """``OUT_DIR/report.md`` and ``report.json`` for toy targets (nothing for images)."""
-    from flowdistill.data.toy2d import TOY_DATASETS
-    from flowdistill.eval.straightness import COLUMNS
+    """``OUT_DIR/report.md`` and ``report.json``: :func:`pipeline_rows` (sliced W2 on toy targets,
+    FID on images) with the stage wall times of ``OUT_DIR/timings.json`` appended."""
+    from flowdistill.eval.straightness import columns_for
     from flowdistill.eval.toy_metrics import markdown_table
 
-    if student_cfg.data.name not in TOY_DATASETS:
-        return []
-    rows = pipeline_rows(runs, student_cfg.distiller.steps, student_cfg.data.name,
-                         n=student_cfg.eval.n_samples, seed=student_cfg.eval.seed, extra=extra)
-    md = markdown_table(rows, COLUMNS)
+    data = student_cfg.data
+    rows = pipeline_rows(runs, student_cfg.distiller.steps, data, n=student_cfg.eval.n_samples,
+                         seed=student_cfg.eval.seed, extra=extra, cache_dir=out_dir / "fid_cache")
+    md = markdown_table(rows, columns_for(data))
+    timings = out_dir / "timings.json"
+    if timings.is_file():
+        t = json.loads(timings.read_text())
+        md += "\n\n" + markdown_table([{"step": k, "wall_s": v} for k, v in t.items()], ["step", "wall_s"])
     atomic_write_text(out_dir / "report.md", md + "\n")
     atomic_write_text(out_dir / "report.json", json.dumps(rows, indent=2))
     print(md)
