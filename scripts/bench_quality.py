@@ -16,19 +16,30 @@ The table (columns problem, model, nfe, metric, value, floor, ratio) is printed 
 their saved config matches the one asked for (so a rerun only evaluates); a run whose config differs
 (say from a ``--steps-scale`` smoke run) is trained again in place.
 
-``--reflow`` adds reflow rows through ``flowdistill.distillers.reflow.bench_rows(problem,
-teacher_run, runs_dir)`` when that function exists (rows: dicts with ``model``, ``nfe`` and either
-``value``/``floor`` or ``sw2``/``sw2_floor``); otherwise it says so and goes on.
+``--reflow`` adds the reflow → InstaFlow chain (METHODS.md §2,
+``flowdistill.couplings.pipeline.bench_rows``): for each toy problem
+``flowdistill/configs/reflow_checkerboard.yaml`` with ``data.name``, the teacher (the problem's bench
+teacher) and ``out_dir`` (``RUNS/<problem>/reflow``) overridden, plus its rfpp ablations (uniform vs
+U-shaped time sampling × L2 vs pseudo-Huber); with ``--digits`` also
+``flowdistill/configs/reflow_digits.yaml`` from the digits teacher into ``RUNS/digits/reflow`` (no
+ablations: each would be another 2-RF training). Rows: ``2-RF`` and ``2-RF <ablation>`` at NFE 1, 2,
+4 (and 128), ``InstaFlow (1-step)``, on digits also ``teacher (Heun)`` at 128 evaluations (64 steps),
+in the same metric as the problem; and ``metric = straightness`` rows (nfe = the Euler steps of the
+measured path; 0 is a straight line) for the teacher, 2-RF and student, whose ratio is over the
+teacher's straightness. ``--steps-scale`` also shrinks the chain's training schedules and coupling
+counts. Chain stages resume and are skipped when finished (``OUT_DIR/timings.json`` keeps their wall
+times); unlike the runs above, a chain made with other settings is not replaced (its coupling stores
+only grow), so give ``--steps-scale`` smoke runs their own ``--runs`` folder.
 
     OMP_NUM_THREADS=1 python scripts/bench_quality.py                      # full run, 3 toy problems
     OMP_NUM_THREADS=1 python scripts/bench_quality.py --steps-scale 0.05 --problems checkerboard
     OMP_NUM_THREADS=1 python scripts/bench_quality.py --digits --problems ""   # digits only
+    OMP_NUM_THREADS=1 python scripts/bench_quality.py --reflow --digits        # with the reflow chain
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -175,34 +186,103 @@ def bench_toy(problem: str, runs_dir: Path, scale: float, modes: list[str], n: i
     rows = toy_rows(problem, runs, n, seed)
     if reflow:
         ref = next(r["value"] for r in rows if r["model"] == TEACHER_LABEL and r["nfe"] == max(TEACHER_NFE))
-        rows += reflow_rows(problem, teacher_dir, runs_dir, ref)
+        over = [f"data.name={problem}", f"teacher={teacher_dir}", f"out_dir={runs_dir / problem / 'reflow'}"]
+        rows += reflow_rows(problem, REFLOW_TOY_CONFIG, over, scale, n, seed, ref, rows, ablations=True)
     return rows
 
 
-def reflow_rows(problem: str, teacher_run: Path, runs_dir: Path, ref: float) -> list[dict[str, Any]]:
-    """Rows from ``flowdistill.distillers.reflow.bench_rows`` if it exists, normalised to ``COLUMNS``."""
-    try:
-        mod = importlib.import_module("flowdistill.distillers.reflow")
-        fn = mod.bench_rows
-    except (ImportError, AttributeError) as e:
-        log(f"--reflow: no reflow rows ({type(e).__name__}: {e}); "
-            f"expected flowdistill.distillers.reflow.bench_rows(problem, teacher_run, runs_dir)")
-        return []
-    rows = []
-    for r in fn(problem, teacher_run, runs_dir) or []:
-        r = dict(r)
-        metric = r.get("metric", "sw2")
-        value = r.get("value", r.get(metric))
-        floor = r.get("floor", r.get(f"{metric}_floor"))
-        if value is None or "model" not in r or "nfe" not in r:
-            log(f"--reflow: skipping a row without model/nfe/value: {r}")
+REFLOW_TOY_CONFIG = CONFIGS / "reflow_checkerboard.yaml"
+REFLOW_DIGITS_CONFIG = CONFIGS / "reflow_digits.yaml"
+REFLOW_LABELS = {"2-RF": "2-RF", "student": "InstaFlow"}  # chain label prefixes -> table labels
+
+
+def reflow_scale_overrides(path: Path, overrides: list[str], scale: float) -> list[str]:
+    """``overrides`` plus both chain stages' schedules and coupling counts shrunk by ``scale``.
+
+    ``scale == 1`` returns ``overrides`` unchanged. Steps never drop below 2, pairs below 256.
+    """
+    from flowdistill.couplings.pipeline import load_pipeline
+
+    if scale == 1.0:
+        return list(overrides)
+    pipe = load_pipeline(path, overrides)
+    out = list(overrides)
+    for stage in ("reflow", "instaflow"):
+        tr, dist = pipe[stage].get("train", {}), pipe[stage].get("distiller", {})
+        steps = max(2, round(int(tr.get("steps", 2000)) * scale))
+        out += [f"{stage}.train.steps={steps}",
+                f"{stage}.train.warmup_steps={round(int(tr.get('warmup_steps', 0)) * scale)}",
+                f"{stage}.train.log_every={max(1, round(int(tr.get('log_every', 50)) * scale))}",
+                f"{stage}.train.ckpt_every={max(1, round(int(tr.get('ckpt_every', 500)) * scale))}"]
+        pairs = int(dist.get("couple", {}).get("n_pairs", 20000))
+        out.append(f"{stage}.distiller.couple.n_pairs={max(256, round(pairs * scale))}")
+        ft = int(dist.get("finetune_after", 0))
+        if ft > 0:
+            out.append(f"{stage}.distiller.finetune_after={min(steps - 1, max(1, round(ft * scale)))}")
+    return out
+
+
+def _reflow_label(model: str, solver: str) -> str:
+    """Table name of a chain row: the teacher as in the rest of the table, 2-RF and its ablations,
+    the InstaFlow student."""
+    if model == "teacher":
+        return TEACHER_LABEL if solver == "euler" else f"teacher ({solver.capitalize()})"
+    if model.startswith("student"):
+        return REFLOW_LABELS["student"] + model[len("student"):]
+    return model
+
+
+def reflow_rows(problem: str, config: Path, overrides: list[str], scale: float, n: int, seed: int,
+                ref: float | None, existing: list[dict[str, Any]],
+                ablations: bool = True) -> list[dict[str, Any]]:
+    """The reflow chain's rows for ``problem`` in ``COLUMNS``
+    (``flowdistill.couplings.pipeline.bench_rows``).
+
+    Runs (or resumes) the chain of ``config`` + ``overrides`` evaluated with this benchmark's ``n``
+    and ``seed``, then normalises its rows: quality rows (``sw2`` or ``fid``) of every model except
+    teacher rows that ``existing`` already holds (same sampler, same noise, same numbers), and one
+    ``straightness`` row per model. Quality ratios are over ``ref`` (the problem's teacher
+    reference of the rest of the table; ``None``: the chain teacher's best value), straightness
+    ratios over the teacher's straightness.
+    """
+    from flowdistill.couplings.pipeline import bench_rows
+
+    over = reflow_scale_overrides(config, [*overrides, f"eval.n_samples={n}", f"eval.seed={seed}"], scale)
+    t0 = time.perf_counter()
+    log(f"{problem}: reflow chain {config.name} (resumes finished stages)")
+    chain = bench_rows(config, over, ablations=ablations, n=n)
+    log(f"{problem}: reflow chain and its rows done in {time.perf_counter() - t0:.0f} s")
+    have = {(r["model"], r["nfe"]) for r in existing
+            if r.get("problem") == problem and r.get("metric") != "straightness"}
+    rows, straight = [], {}
+    for r in chain:
+        label = _reflow_label(r["model"], r.get("solver", "euler"))
+        who = TEACHER_LABEL if r["model"] == "teacher" else label
+        straight.setdefault(who, (r["straight_nfe"], r["straightness"]))
+        if (label, r["nfe"]) in have:
             continue
-        r.update({"problem": problem, "metric": metric, "value": float(value),
-                  "floor": None if floor is None else float(floor)})
-        rows.append(r)
-    if any(r["metric"] == "sw2" for r in rows):
-        add_ratios([r for r in rows if r["metric"] == "sw2"], ref)
-    return rows
+        rows.append({"problem": problem, "model": label, "nfe": r["nfe"], "metric": r["metric"],
+                     "value": float(r["value"]), "floor": float(r["floor"]), "n": r["n"]})
+    if ref is None:
+        ref = min(r["value"] for r in chain if r["model"] == "teacher")
+    add_ratios(rows, ref)
+    s_rows = [{"problem": problem, "model": label, "nfe": k, "metric": "straightness", "value": float(s),
+               "floor": None} for label, (k, s) in straight.items()]
+    add_ratios(s_rows, straight[TEACHER_LABEL][1])
+    return rows + s_rows
+
+
+def reflow_digits_rows(runs_dir: Path, scale: float, seed: int,
+                       existing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The digits reflow chain (``reflow_digits.yaml``) from the digits teacher, FID rows (n = 360)."""
+    got = digits_teacher(runs_dir, scale)
+    if got is None:
+        return []
+    teacher_model = got[1]
+    ref = [r["value"] for r in existing if r.get("problem") == "digits" and r["model"] == TEACHER_LABEL]
+    over = [f"teacher={teacher_model}", f"out_dir={runs_dir / 'digits' / 'reflow'}"]
+    return reflow_rows("digits", REFLOW_DIGITS_CONFIG, over, scale, 360, seed, min(ref) if ref else None,
+                       existing, ablations=False)
 
 
 # -- digits -------------------------------------------------------------------------------------
@@ -281,7 +361,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--modes", default=",".join(MODES), help="FreeFlow modes to train (default all three)")
     ap.add_argument("--digits", action="store_true", help="also benchmark the 8x8 digits (FID)")
     ap.add_argument("--reflow", action="store_true",
-                    help="add rows from flowdistill.distillers.reflow.bench_rows if it exists")
+                    help="add the reflow -> InstaFlow chain (2-RF, 1-step student, straightness) per problem")
     ap.add_argument("--n", type=int, default=4000, help="samples per toy evaluation (default 4000)")
     ap.add_argument("--seed", type=int, default=1234, help="evaluation seed (default 1234)")
     args = ap.parse_args(argv)
@@ -319,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_toy(problem, runs_dir, args.steps_scale, args.modes, args.n, args.seed, args.reflow)
         if args.digits:
             rows += bench_digits(runs_dir, args.steps_scale, args.modes, args.seed)
+            if args.reflow:
+                rows += reflow_digits_rows(runs_dir, args.steps_scale, args.seed, rows)
     except (FlowDistillError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
