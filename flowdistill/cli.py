@@ -103,6 +103,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"diffusers pipeline written to {out} (load with FlowDistillPipeline.from_pretrained)")
 
 
+def _cmd_reflow(args: argparse.Namespace) -> None:
+    from flowdistill.couplings.pipeline import run_pipeline
+
+    runs = run_pipeline(args.config, args.overrides, report=not args.no_report)
+    print("runs: " + ", ".join(f"{k}={v}" for k, v in runs.items()))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from flowdistill.demo import run_demo
 
@@ -135,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distiller.couple.n_pairs=1000")
     sp.add_argument("--resume", action="store_true", help="finish an interrupted or smaller coupling store")
     sp.add_argument("--overwrite", action="store_true", help="replace the couplings in distiller.couplings")
+
+    sp = sub.add_parser("reflow", help="couple → 2-rectified flow → couple → InstaFlow student, from one "
+                                       "config (resumes finished stages)")
+    sp.add_argument("config", help="YAML chain config (configs/reflow_*.yaml)")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reflow.train.steps=500")
+    sp.add_argument("--no-report", action="store_true", help="skip OUT_DIR/report.md")
 
     sp = sub.add_parser("sample", help="sample a trained run")
     sp.add_argument("run_dir")
@@ -173,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_train(args, "freeflow")
         elif args.command == "couple":
             _cmd_couple(args)
+        elif args.command == "reflow":
+            _cmd_reflow(args)
         elif args.command == "sample":
             _cmd_sample(args)
         elif args.command == "eval":

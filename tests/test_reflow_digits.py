@@ -54,3 +54,19 @@ def test_digits_chain_runs_end_to_end_and_reports_fid_and_straightness(tmp_path)
         assert math.isfinite(r["straightness"]) and r["straightness"] >= 0
     st = {r["model"]: r["straightness"] for r in rows}
     assert st["student (1-step)"] == 0.0 and st["teacher"] > 0  # a one-step path is straight by definition
+
+
+@pytest.mark.skipif(not (TEACHER / "config.json").is_file(), reason="digits teacher asset not shipped")
+def test_cli_reflow_runs_the_chain_and_resumes(tmp_path):
+    from tests.helpers import cli
+
+    over = tiny_overrides(tmp_path / "chain")
+    r = cli("reflow", str(CONFIG), *over, "--no-report")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "student=" in r.stdout and (tmp_path / "chain" / "instaflow" / "student" / "config.json").is_file()
+    before = json.loads((tmp_path / "chain" / "timings.json").read_text())
+    again = cli("reflow", str(CONFIG), *over, "--no-report")  # finished stages are skipped
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "chain" / "timings.json").read_text()) == before
+    bad = cli("reflow", str(CONFIG), *over, "reflow.distiller.loss=nope")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "nope" in bad.stderr
