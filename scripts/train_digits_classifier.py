@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from flowdistill.data.digits import SIZES, digits_tensors, upscale_digits
-from flowdistill.eval.digits_features import DEFAULT_WEIGHTS, DigitsClassifier, classifier_accuracy
+from flowdistill.models.digits_classifier import DEFAULT_WEIGHTS, DigitsClassifier, classifier_accuracy
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:

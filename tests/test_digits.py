@@ -9,9 +9,9 @@ from PIL import Image
 
 from flowdistill.data.digits import DigitsDataset, digits_tensors, upscale_digits
 from flowdistill.data.images import ImageFolderDataset, image_folder_tensors
-from flowdistill.eval.digits_features import (
+from flowdistill.eval.digits_features import EXTRACTOR_NAME
+from flowdistill.models.digits_classifier import (
     DEFAULT_WEIGHTS,
-    EXTRACTOR_NAME,
     FEATURE_DIM,
     classifier_accuracy,
     load_digits_classifier,

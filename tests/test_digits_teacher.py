@@ -16,8 +16,8 @@ import torch
 
 from flowdistill.config import load_config
 from flowdistill.core.sampling import sample_velocity
-from flowdistill.eval.digits_features import classifier_accuracy, load_digits_classifier
 from flowdistill.eval.image_eval import image_sweep, reference_images
+from flowdistill.models.digits_classifier import classifier_accuracy, load_digits_classifier
 from flowdistill.models.loading import load_model_dir
 from flowdistill.models.unet import UNetFlowNet
 

@@ -11,7 +11,7 @@ import torch
 
 from flowdistill.api import train
 from flowdistill.config import load_config
-from flowdistill.core.losses import PERCEPTUAL_NETS, build_perceptual, premetric, pseudo_huber
+from flowdistill.core.losses import premetric, pseudo_huber
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.sampling import sample_velocity
@@ -21,6 +21,7 @@ from flowdistill.distillers.reflow import InstaFlow, InstaFlowConfig, Reflow, Re
 from flowdistill.errors import ConfigError
 from flowdistill.eval.straightness import trajectory_straightness
 from flowdistill.models.mlp import MLPFlowNet
+from flowdistill.models.perceptual import PERCEPTUAL_NETS, build_perceptual
 from tests.helpers import TINY_TEACHER
 
 

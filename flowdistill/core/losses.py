@@ -1,23 +1,21 @@
-"""Premetrics ``d(pred, target)`` returning a per-sample loss ``[B]``, and perceptual networks.
+"""Premetrics ``d(pred, target)`` returning a per-sample loss ``[B]``.
 
 Perceptual premetrics (``perceptual``, ``lpips_huber``) take a frozen perceptual distance
-``net(a, b) -> [B]`` from :data:`PERCEPTUAL_NETS` (pluggable): ``lpips`` with user-supplied
-weights, ``digits`` (the bundled digits classifier's features), ``random_conv`` (fixed random
-features; offline, no weights, any shape).
+``net(a, b) -> [B]`` as an argument (``net=``); the networks themselves (``lpips``, ``digits``,
+``random_conv``) live above the core, in :mod:`flowdistill.models.perceptual`
+(:data:`~flowdistill.models.perceptual.PERCEPTUAL_NETS`,
+:func:`~flowdistill.models.perceptual.build_perceptual`).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowdistill.core.registry import Registry
 
 PREMETRICS: Registry = Registry("loss")
-PERCEPTUAL_NETS: Registry = Registry("perceptual net")
 
 
 def _flat(d: Tensor) -> Tensor:
@@ -56,7 +54,8 @@ def _col(t: Tensor, like: Tensor) -> Tensor:
 @PREMETRICS.register("perceptual")
 def perceptual(pred: Tensor, target: Tensor, net: nn.Module | None = None, **_) -> Tensor:
     """Perceptual distance ``P(pred, target)`` of two data-space samples (``net`` from
-    :func:`build_perceptual`); InstaFlow's "LPIPS" stage with a pluggable network."""
+    :func:`flowdistill.models.perceptual.build_perceptual`); InstaFlow's "LPIPS" stage with a
+    pluggable network."""
     if net is None:
         raise ValueError("loss 'perceptual' needs a perceptual net (net=build_perceptual(...))")
     return net(pred, target)
@@ -70,8 +69,9 @@ def lpips_huber(pred: Tensor, target: Tensor, x_t: Tensor | None = None, t: Tens
         (1 − t)·PseudoHuber(v_θ, ε − x) + P(x̂, x),     x̂ = x_t − t·v_θ,
 
     where ``pred = v_θ(x_t, t)``, ``target = ε − x`` and ``P`` is a perceptual distance (LPIPS in
-    the paper; any :data:`PERCEPTUAL_NETS` entry here). The clean sample is recovered from the
-    target, ``x = x_t − t·(ε − x)`` on the linear path, so only ``x_t`` and ``t`` are extra.
+    the paper; any :data:`flowdistill.models.perceptual.PERCEPTUAL_NETS` entry here). The clean
+    sample is recovered from the target, ``x = x_t − t·(ε − x)`` on the linear path, so only ``x_t``
+    and ``t`` are extra.
     (rfpp's CIFAR-10 variant divides the LPIPS term by ``t``; not done here.)
     """
     if x_t is None or t is None or net is None:
@@ -81,129 +81,6 @@ def lpips_huber(pred: Tensor, target: Tensor, x_t: Tensor | None = None, t: Tens
     x_hat = x_t - tc * pred
     x = x_t - tc * target
     return (1 - t.to(pred.dtype)) * pseudo_huber(pred, target, c=c) + net(x_hat, x)
-
-
-# -- perceptual networks ------------------------------------------------------------------------
-def build_perceptual(name: str, weights: str = "") -> nn.Module:
-    """A frozen perceptual distance ``net(a, b) -> [B]`` by registered name."""
-    net = PERCEPTUAL_NETS.build(name, weights=weights)
-    return net.eval().requires_grad_(False)
-
-
-@PERCEPTUAL_NETS.register("random_conv")
-class RandomFeatureDistance(nn.Module):
-    """Fixed random-feature distance: needs no weights, runs offline, accepts any shape.
-
-    Images ``[B, C, H, W]``: three random 3×3 conv layers (32, 64, 64 channels, ReLU, 2× average
-    pooling between), seeded by ``seed``; as in LPIPS, each layer's features are unit-normalised
-    over channels and the squared difference is averaged over positions and summed over layers.
-    Random deep features already behave like a (weak) perceptual metric. Flat ``[B, D]`` data:
-    random Fourier features ``φ(x) = √(2/m)·cos(W x + b)``, ``W ~ N(0, 1/ℓ²)`` (``m = 256``,
-    ``ℓ = 0.5``), distance ``‖φ(a) − φ(b)‖²`` (≈ ``‖a − b‖²/ℓ²`` for close points, bounded for far).
-    """
-
-    def __init__(self, weights: str = "", seed: int = 0, channels: tuple[int, ...] = (32, 64, 64),
-                 rff_features: int = 256, lengthscale: float = 0.5):
-        super().__init__()
-        if weights:
-            raise ValueError("perceptual net 'random_conv' takes no weights")
-        self.seed, self.channels, self.m, self.ell = seed, channels, rff_features, lengthscale
-        self._built: dict[tuple, list[Tensor]] = {}
-
-    def _params(self, shape: tuple[int, ...], device, dtype) -> list[Tensor]:
-        key = (shape, str(device), dtype)
-        if key not in self._built:
-            g = torch.Generator().manual_seed(self.seed)
-            if len(shape) == 1:
-                W = torch.randn(shape[0], self.m, generator=g) / self.ell
-                b = 2 * math.pi * torch.rand(self.m, generator=g)
-                ps = [W, b]
-            else:
-                ps, cin = [], shape[0]
-                for cout in self.channels:
-                    ps.append(torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2.0 / (9 * cin)))
-                    cin = cout
-            self._built[key] = [p.to(device=device, dtype=dtype) for p in ps]
-        return self._built[key]
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        """Per-sample distance ``[B]``."""
-        ps = self._params(tuple(a.shape[1:]), a.device, a.dtype)
-        if a.ndim == 2:
-            W, bias = ps
-            fa = torch.cos(a @ W + bias) * math.sqrt(2.0 / self.m)
-            fb = torch.cos(b @ W + bias) * math.sqrt(2.0 / self.m)
-            return (fa - fb).pow(2).sum(dim=1)
-        if a.ndim != 4:
-            raise ValueError(f"random_conv expects [B, D] or [B, C, H, W], got {tuple(a.shape)}")
-        h = torch.cat([a, b])
-        total = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
-        for i, w in enumerate(ps):
-            if i > 0 and min(h.shape[-2:]) >= 2:
-                h = F.avg_pool2d(h, 2)
-            h = F.relu(F.conv2d(h, w, padding=1))
-            n = h / (h.pow(2).sum(dim=1, keepdim=True) + 1e-10).sqrt()
-            na, nb = n.chunk(2)
-            total = total + (na - nb).pow(2).sum(dim=1).mean(dim=(1, 2))
-        return total
-
-
-@PERCEPTUAL_NETS.register("lpips")
-class LPIPSDistance(nn.Module):
-    """LPIPS (Zhang et al. 2018) through the ``lpips`` package, with weights the user supplies.
-
-    ``weights``: a ``.safetensors`` (or ``.pt``, loaded with ``weights_only=True``) file holding the
-    full ``lpips.LPIPS`` state dict (backbone + linear heads) — nothing is downloaded. Inputs in
-    ``[-1, 1]``; 1-channel images are repeated to 3 channels.
-    """
-
-    def __init__(self, weights: str = "", backbone: str = "vgg"):
-        super().__init__()
-        if not weights:
-            raise ValueError("perceptual net 'lpips' needs perceptual_weights=PATH (LPIPS weights are not "
-                             "bundled; use 'random_conv' or 'digits' offline)")
-        try:
-            import lpips
-        except ImportError:
-            raise ImportError("perceptual net 'lpips' needs the lpips package (pip install lpips)") from None
-        self.net = lpips.LPIPS(net=backbone, pretrained=False, pnet_rand=True, verbose=False)
-        if str(weights).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(str(weights))
-        else:
-            sd = torch.load(str(weights), map_location="cpu", weights_only=True)
-        self.net.load_state_dict(sd)
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        """Per-sample LPIPS ``[B]``."""
-        if a.shape[1] == 1:
-            a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
-        return self.net(a, b).reshape(a.shape[0])
-
-
-@PERCEPTUAL_NETS.register("digits")
-class DigitsFeatureDistance(nn.Module):
-    """Mean squared difference of the bundled digits classifier's 64-d penultimate features.
-
-    The classifier lives in ``flowdistill.eval.digits_features`` (weights in ``assets/``); it is
-    imported only when this net is asked for — the one place the core reaches up, by name, for a
-    bundled asset. ``weights`` overrides the bundled file.
-    """
-
-    def __init__(self, weights: str = ""):
-        super().__init__()
-        try:
-            from flowdistill.eval.digits_features import load_digits_classifier
-        except ImportError as e:
-            raise ImportError(f"perceptual net 'digits' is unavailable: {e}") from None
-        self.net = load_digits_classifier(weights or None)
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        """Per-sample feature distance ``[B]`` (images in ``[-1, 1]``)."""
-        fa, _ = self.net.features(a)
-        fb, _ = self.net.features(b)
-        return (fa - fb).pow(2).mean(dim=1)
 
 
 def premetric(name: str):

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdistill import kernels
-from flowdistill.core.losses import PERCEPTUAL_NETS, build_perceptual, premetric
+from flowdistill.core.losses import premetric
 from flowdistill.core.paths import PATHS
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.sampling import guided, sample_velocity
@@ -60,6 +60,7 @@ from flowdistill.couplings.generation import CoupleSpec
 from flowdistill.data.couplings import CouplingSource, CouplingStore, state_sha256
 from flowdistill.distillers.base import Distiller, DistillerConfig, check_names, register_distiller
 from flowdistill.errors import ConfigError
+from flowdistill.models.perceptual import PERCEPTUAL_NETS, build_perceptual
 
 NOISE_REUSE = "noise_reuse"
 REFLOW_LOSSES = ("l2", "pseudo_huber", "lpips_huber")

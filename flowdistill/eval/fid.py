@@ -12,7 +12,8 @@ How the pieces fit:
   grayscale replicated; folders read the way torch-fidelity reads them, so a folder of PNGs written
   by ``save_png_folder`` gives the same numbers as the tensor it came from).
 - Features come from torch-fidelity's registered extractors: ``"digits"`` is the bundled digits
-  classifier (``flowdistill.eval.digits_features``, 64-d penultimate layer), ``"inception"`` is
+  classifier (network in ``flowdistill.models.digits_classifier``, registered with torch-fidelity by
+  ``flowdistill.eval.digits_features``; 64-d penultimate layer), ``"inception"`` is
   torch-fidelity's ``inception-v3-compat`` (2048-d pool features) with its weights read from a
   local file (``inception_weights``; :mod:`flowdistill.eval.inception`) — nothing is downloaded.
 - The metrics are torch-fidelity's own FID / KID / PRC functions applied to those features (the

@@ -3,7 +3,9 @@
 Every net is a diffusers ``ModelMixin`` + ``ConfigMixin`` with
 ``forward(x [B, ...], t [B], s [B] | None = None, cond LongTensor[B] | None = None) -> [B, ...]``
 (docs/architecture.md). Build one by registered name with :func:`build_model`; start a two-time
-student from a one-time teacher with :func:`init_from`.
+student from a one-time teacher with :func:`init_from`. Auxiliary nets live in submodules:
+:mod:`~flowdistill.models.digits_classifier` (the bundled digits CNN) and
+:mod:`~flowdistill.models.perceptual` (perceptual distances for the perceptual losses).
 """
 
 from __future__ import annotations
