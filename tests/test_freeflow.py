@@ -212,3 +212,23 @@ def test_correction_only_with_warmup_and_multi_nfe_correction(tmp_path, teacher_
     torch.testing.assert_close(x[1::2], d.sample(eps[1::2], 2))
     with pytest.raises(ConfigError, match="correction_nfe"):
         FreeFlowConfig(correction_nfe=[0]).validate()
+
+
+DIGITS_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
+
+
+@pytest.mark.skipif(not (DIGITS_TEACHER / "config.json").is_file(), reason="digits teacher asset not shipped")
+def test_digits_config_distils_the_shipped_unet_teacher_at_tiny_settings(tmp_path):
+    """The packaged digits config (UNet student from the shipped class-conditional teacher, exact
+    JVP, correction, shortcut) runs for a few steps and its student samples images at 1 and 2 jumps;
+    the full setting is measured by scripts/bench_quality.py --digits."""
+    cfg = load_config(CONFIG.parent / "freeflow_digits.yaml",
+                      [f"out_dir={tmp_path / 'ffd'}", f"teacher={DIGITS_TEACHER}", "train.steps=3",
+                       "train.batch_size=8", "train.ckpt_every=0", "train.log_every=1",
+                       "train.warmup_steps=0", "distiller.correction_warmup=1"], default_distiller="freeflow")
+    run = load_run(train(cfg))
+    log = [json.loads(ln) for ln in (tmp_path / "ffd" / "metrics.jsonl").read_text().splitlines()]
+    assert any("student/corr" in r for r in log) and all(math.isfinite(r["student/loss"]) for r in log)
+    for nfe in (1, 2):
+        x = run.sample(4, nfe, seed=0)
+        assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
