@@ -77,8 +77,15 @@ def small_store(tmp_path, teachers):
 def test_two_processes_give_byte_identical_store(tmp_path, teachers):
     spec = {"n_pairs": 650, "shard_size": 100, "chunk_size": 40, "solver": "dopri5", "rtol": 1e-4,
             "atol": 1e-4, "seed": 3}
-    one = generate_couplings(teachers[0], tmp_path / "one" / "couplings", CoupleSpec(**spec), (2,),
-                             progress=False)
+    # the same numerical environment as the workers (OMP_NUM_THREADS=1): CPU GEMMs may sum in a
+    # different order with another thread count, and an adaptive solver amplifies the last bit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = generate_couplings(teachers[0], tmp_path / "one" / "couplings", CoupleSpec(**spec), (2,),
+                                 progress=False)
+    finally:
+        torch.set_num_threads(threads)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(free_port()), "-m", "flowdistill.cli", "couple",
                         *cli_args(tmp_path / "two", teachers[0], spec)],
