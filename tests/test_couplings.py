@@ -130,6 +130,7 @@ def test_sigkill_then_resume_gives_exactly_the_requested_pairs(tmp_path, teacher
     # what a kill mid-write leaves: a temp file, and an unlisted (half-written) shard
     (root / f".{shard_name(39)}.tmp-123").write_bytes(b"partial")
     (root / shard_name(38)).write_bytes(b"garbage")
+    (root / f".{MANIFEST}.tmp-456").write_text('{"half": ')  # a kill during a manifest update
     assert cli_main(["couple", *cli_args(out, teachers[0], spec), "--resume"]) == 0
     store = CouplingStore(root)
     store.verify()

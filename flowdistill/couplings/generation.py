@@ -187,8 +187,11 @@ def _check_resumable(root: Path, header: dict, resume: bool, overwrite: bool) ->
 def _prepare(root: Path, header: dict, existing: dict | None) -> None:
     """Main process: start a fresh store, or reopen an existing one for more/missing shards."""
     root.mkdir(parents=True, exist_ok=True)
-    for tmp in root.glob(".shard-*.tmp-*"):  # leftovers of a killed writer (never listed)
-        tmp.unlink(missing_ok=True)
+    # leftovers of a killed writer: half-written shards (never listed) and a half-written manifest
+    # (the old one is still in place: manifests are replaced atomically)
+    for pattern in (".shard-*.tmp-*", f".{MANIFEST}.tmp-*"):
+        for tmp in root.glob(pattern):
+            tmp.unlink(missing_ok=True)
     if existing is None:
         for old in root.glob("shard-*.safetensors"):
             old.unlink()
