@@ -26,10 +26,10 @@ def flow_map_jump(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, cond: Tensor 
     return kernels.flow_map_jump(x, net(x, t, s, cond=cond), t, s)
 
 
-@torch.no_grad()
-def sample_flow_map(net: nn.Module, noise: Tensor, steps: int, grid: str = "uniform",
-                    cond: Tensor | None = None, return_trajectory: bool = False, **grid_kw):
-    """``steps`` jumps edge to edge along a time grid from ``t = 1`` to ``0`` (one NFE each)."""
+def flow_map_chain(net: nn.Module, noise: Tensor, steps: int, grid: str = "uniform",
+                   cond: Tensor | None = None, return_trajectory: bool = False, **grid_kw):
+    """``steps`` jumps edge to edge along a time grid from ``t = 1`` to ``0`` (one NFE each),
+    differentiable (training losses on few-step samples backpropagate through every jump)."""
     g = build_grid(grid, steps, device=noise.device, **grid_kw)
     B = noise.shape[0]
     x = noise
@@ -40,3 +40,10 @@ def sample_flow_map(net: nn.Module, noise: Tensor, steps: int, grid: str = "unif
         if traj is not None:
             traj.append(x)
     return (x, traj) if return_trajectory else x
+
+
+@torch.no_grad()
+def sample_flow_map(net: nn.Module, noise: Tensor, steps: int, grid: str = "uniform",
+                    cond: Tensor | None = None, return_trajectory: bool = False, **grid_kw):
+    """:func:`flow_map_chain` without gradients: the few-step flow-map sampler."""
+    return flow_map_chain(net, noise, steps, grid, cond, return_trajectory, **grid_kw)

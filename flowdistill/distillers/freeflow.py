@@ -99,10 +99,10 @@ from torch import Tensor, nn
 
 from flowdistill.core.derivatives import directional_derivative
 from flowdistill.core.dmd import dm_gradient, dm_surrogate_loss, fake_velocity_target, renoise
-from flowdistill.core.flowmap import flow_map_jump, sample_flow_map
+from flowdistill.core.flowmap import flow_map_chain, flow_map_jump, sample_flow_map
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.sampling import guided
-from flowdistill.core.timesteps import TimeSamplerConfig, build_grid
+from flowdistill.core.timesteps import TimeSamplerConfig
 from flowdistill.distillers.base import (
     Distiller,
     DistillerConfig,
@@ -356,23 +356,16 @@ class FreeFlow(Distiller):
         ``k = 1``, the ``k``-step chain of jumps otherwise (gradient through every jump)."""
         nfes = [int(k) for k in self.cfg.correction_nfe]
         if len(nfes) == 1:
-            return self._k_jumps(eps, cond, nfes[0])
+            return flow_map_chain(self.student, eps, nfes[0], self.cfg.sample_grid, cond)
         which = torch.arange(eps.shape[0], device=eps.device) % len(nfes)
         out = torch.empty_like(eps)
         for j, k in enumerate(nfes):
             idx = (which == j).nonzero(as_tuple=True)[0]
             if idx.numel():
                 sub = None if cond is None else cond[idx]
-                out = out.index_put((idx,), self._k_jumps(eps[idx], sub, k))
+                x_k = flow_map_chain(self.student, eps[idx], k, self.cfg.sample_grid, sub)
+                out = out.index_put((idx,), x_k)
         return out
-
-    def _k_jumps(self, x: Tensor, cond: Tensor | None, k: int) -> Tensor:
-        """``k`` student jumps edge to edge on the ``sample_grid`` from ``t = 1`` to ``0``."""
-        g = build_grid(self.cfg.sample_grid, k, device=x.device).to(x.dtype)
-        for i in range(k):
-            t, s = g[i].expand(x.shape[0]), g[i + 1].expand(x.shape[0])
-            x = flow_map_jump(self.student, x, t, s, cond)
-        return x
 
     def _correction(self, eps: Tensor, cond: Tensor | None, rng: StepRNG) -> tuple[Tensor, Tensor]:
         """Raw ``L_corr`` (mean over the batch) and the RMS of its gradient at ``x̂``."""

@@ -101,65 +101,67 @@ def _check_loss(kind: str, loss: str, allowed: tuple[str, ...], perceptual_net: 
 
 
 @dataclass
-class ReflowConfig(DistillerConfig):
-    """Reflow options (module docstring). ``couple`` is read by ``flowdistill couple``."""
+class CoupledConfig(DistillerConfig):
+    """Options every coupling-trained distiller has: the store (``couple`` is read by
+    ``flowdistill couple``), the pseudo-Huber constant, the perceptual net, guidance."""
 
-    name: str = "reflow"
     couplings: str = "${out_dir}/couplings"
     couple: CoupleSpec = field(default_factory=CoupleSpec)
     check_teacher: bool = True
-    time_sampler: TimeSamplerConfig = field(default_factory=_u_shaped)
-    loss: str = "pseudo_huber"  # l2 | pseudo_huber | lpips_huber
     huber_c: float = 0.0  # 0: rfpp's 0.00054·D
-    perceptual: str = "random_conv"  # lpips_huber: a registered perceptual net
+    perceptual: str = "random_conv"  # perceptual losses: a registered perceptual net
     perceptual_weights: str = ""
-    sample_solver: str = "euler"  # a registered solver or "noise_reuse"
-    sample_grid: str = "uniform"
     guidance_scale: float = 1.0
 
     def validate(self) -> None:
-        """Names and values up front."""
+        """The shared keys; subclasses add their own checks."""
         if not self.couplings:
             raise ConfigError("distiller.couplings must name the coupling directory")
         self.couple.validate()
-        self.time_sampler.build()
-        _check_loss("loss", self.loss, REFLOW_LOSSES, self.perceptual)
-        if self.sample_solver != NOISE_REUSE:
-            check_names(solver=self.sample_solver)
-        check_names(grid=self.sample_grid)
         if self.huber_c < 0:
             raise ConfigError(f"distiller.huber_c must be >= 0, got {self.huber_c}")
 
 
 @dataclass
-class InstaFlowConfig(DistillerConfig):
-    """InstaFlow options (module docstring). ``couple`` is read by ``flowdistill couple``."""
+class ReflowConfig(CoupledConfig):
+    """Reflow options (module docstring)."""
+
+    name: str = "reflow"
+    time_sampler: TimeSamplerConfig = field(default_factory=_u_shaped)
+    loss: str = "pseudo_huber"  # l2 | pseudo_huber | lpips_huber
+    sample_solver: str = "euler"  # a registered solver or "noise_reuse"
+    sample_grid: str = "uniform"
+
+    def validate(self) -> None:
+        """Names and values up front."""
+        super().validate()
+        self.time_sampler.build()
+        _check_loss("loss", self.loss, REFLOW_LOSSES, self.perceptual)
+        if self.sample_solver != NOISE_REUSE:
+            check_names(solver=self.sample_solver)
+        check_names(grid=self.sample_grid)
+
+
+@dataclass
+class InstaFlowConfig(CoupledConfig):
+    """InstaFlow options (module docstring)."""
 
     name: str = "instaflow"
-    couplings: str = "${out_dir}/couplings"
-    couple: CoupleSpec = field(default_factory=CoupleSpec)
-    check_teacher: bool = True
     steps: int = 1  # k-step student (1 = one step)
     loss: str = "l2"  # l2 | pseudo_huber | perceptual | lpips_huber
     finetune_loss: str = "perceptual"  # used from step finetune_after on
     finetune_after: int = 0  # 0 = never switch
-    huber_c: float = 0.0
-    perceptual: str = "random_conv"
-    perceptual_weights: str = ""
-    guidance_scale: float = 1.0
 
     def validate(self) -> None:
         """Names and values up front."""
-        if not self.couplings:
-            raise ConfigError("distiller.couplings must name the coupling directory")
-        self.couple.validate()
+        super().validate()
         if self.steps < 1:
             raise ConfigError(f"distiller.steps must be >= 1, got {self.steps}")
         _check_loss("loss", self.loss, INSTAFLOW_LOSSES, self.perceptual)
         if self.finetune_after > 0:
             _check_loss("finetune_loss", self.finetune_loss, INSTAFLOW_LOSSES, self.perceptual)
-        if self.finetune_after < 0 or self.huber_c < 0:
-            raise ConfigError("distiller.finetune_after and distiller.huber_c must be >= 0")
+        if self.finetune_after < 0:
+            raise ConfigError(f"distiller.finetune_after must be >= 0, got {self.finetune_after}")
 
 
 class _CouplingDistiller(Distiller):
