@@ -348,41 +348,6 @@ def bench_digits(runs_dir: Path, scale: float, modes: list[str], seed: int) -> l
     return rows
 
 
-# -- summaries ----------------------------------------------------------------------------------
-def by_nfe_table(rows: list[dict[str, Any]]) -> str:
-    """The quality rows pivoted to one line per (problem, model), one column per NFE, each cell
-    ``value (ratio×)``; straightness rows are left out (they are in the long table)."""
-    quality = [r for r in rows if r["metric"] != "straightness"]
-    nfes = sorted({int(r["nfe"]) for r in quality})
-    cells: dict[tuple[str, str], dict[int, str]] = {}
-    for r in quality:
-        ratio = r.get("ratio", float("nan"))
-        txt = f"{r['value']:.4g}" + (f" ({ratio:.2f}×)" if math.isfinite(ratio) else "")
-        cells.setdefault((r["problem"], r["model"]), {})[int(r["nfe"])] = txt
-    lines = ["| problem | model | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
-             "|---|---|" + "---:|" * len(nfes)]
-    for (problem, model), got in cells.items():
-        lines.append(f"| {problem} | {model} | " + " | ".join(got.get(k, "") for k in nfes) + " |")
-    return "\n".join(lines)
-
-
-def plot_problems(rows: list[dict[str, Any]], runs_dir: Path) -> list[Path]:
-    """``RUNS/quality_<problem>.png``: the metric against NFE, one line per model, data floor dashed."""
-    from flowdistill.eval.plots import metric_vs_nfe
-
-    out = []
-    for problem in dict.fromkeys(r["problem"] for r in rows):
-        mine = [r for r in rows if r["problem"] == problem and r["metric"] != "straightness"]
-        curves: dict[str, dict[int, float]] = {}
-        for r in mine:
-            curves.setdefault(r["model"], {})[int(r["nfe"])] = r["value"]
-        floor = next((r["floor"] for r in mine if r.get("floor") is not None), None)
-        metric = mine[0]["metric"] if mine else "value"
-        out.append(metric_vs_nfe(curves, runs_dir / f"quality_{problem}.png", ylabel=metric, floor=floor,
-                                 logy=True, title=problem))
-    return out
-
-
 # -- main ---------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
@@ -424,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from flowdistill.core.registry import UnknownNameError
     from flowdistill.errors import FlowDistillError
+    from flowdistill.eval.sweep import by_nfe_table, plot_by_problem
     from flowdistill.eval.toy_metrics import markdown_table
 
     runs_dir = Path(args.runs)
@@ -445,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     (runs_dir / "quality.json").write_text(json.dumps(
         {"steps_scale": args.steps_scale, "n": args.n, "seed": args.seed, "rows": rows}, indent=2))
     (runs_dir / "quality_by_nfe.md").write_text(by_nfe_table(rows) + "\n")
-    plot_problems(rows, runs_dir)
+    plot_by_problem(rows, runs_dir, "quality")
     print(md)
     log(f"steps scale {args.steps_scale:g}; toys: sliced W2, n={args.n}, seed {args.seed}; digits: FID "
         f"(digits features, n=360); ratio = value / teacher@128 (digits: the teacher's best NFE)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,3 +42,40 @@ def write_table(rows: list[dict[str, Any]], columns: list[str], out_dir: Path, s
     (out_dir / f"{stem}.md").write_text(md + "\n")
     (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     return md
+
+
+def by_nfe_table(rows: list[dict[str, Any]]) -> str:
+    """Benchmark rows (``problem``, ``model``, ``nfe``, ``metric``, ``value``, optional ``ratio``)
+    pivoted to one markdown line per (problem, model) and one column per NFE, each cell
+    ``value (ratio×)``; ``straightness`` rows are left out."""
+    quality = [r for r in rows if r["metric"] != "straightness"]
+    nfes = sorted({int(r["nfe"]) for r in quality})
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for r in quality:
+        ratio = r.get("ratio", float("nan"))
+        txt = f"{r['value']:.4g}" + (f" ({ratio:.2f}×)" if math.isfinite(ratio) else "")
+        cells.setdefault((r["problem"], r["model"]), {})[int(r["nfe"])] = txt
+    lines = ["| problem | model | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
+             "|---|---|" + "---:|" * len(nfes)]
+    for (problem, model), got in cells.items():
+        lines.append(f"| {problem} | {model} | " + " | ".join(got.get(k, "") for k in nfes) + " |")
+    return "\n".join(lines)
+
+
+def plot_by_problem(rows: list[dict[str, Any]], out_dir: Path, prefix: str) -> list[Path]:
+    """``OUT_DIR/<prefix>_<problem>.png``: the metric against NFE, one line per model, data floor
+    dashed (the same row format as :func:`by_nfe_table`)."""
+    from flowdistill.eval.plots import metric_vs_nfe
+
+    out = []
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        mine = [r for r in rows if r["problem"] == problem and r["metric"] != "straightness"]
+        if not mine:
+            continue
+        curves: dict[str, dict[int, float]] = {}
+        for r in mine:
+            curves.setdefault(r["model"], {})[int(r["nfe"])] = r["value"]
+        floor = next((r["floor"] for r in mine if r.get("floor") is not None), None)
+        out.append(metric_vs_nfe(curves, Path(out_dir) / f"{prefix}_{problem}.png", ylabel=mine[0]["metric"],
+                                 floor=floor, logy=True, title=problem))
+    return out
