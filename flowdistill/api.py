@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from flowdistill.config import JobConfig, load_config, to_yaml
-from flowdistill.core.registry import UnknownNameError
+from flowdistill.data.registry import build_dataset as build_source
+from flowdistill.data.registry import sample_shape_of
 from flowdistill.distillers import DISTILLERS, Distiller
 from flowdistill.errors import CheckpointError, ConfigError
 from flowdistill.models import build_model
@@ -20,36 +21,9 @@ from flowdistill.models.loading import load_model_dir
 from flowdistill.runs import export_student, prepare_run_dir, read_meta
 from flowdistill.training.loop import Trainer
 
-IMAGE_DATASETS = ("digits", "image_folder")
-
-
-# -- data ---------------------------------------------------------------------------------
-def build_source(spec, split: str = "train"):
-    """The batch source a :class:`~flowdistill.config.DataSpec` names."""
-    from flowdistill.data.sources import SamplerSource, TensorSource
-    from flowdistill.data.toy2d import TOY_DATASETS, get_toy
-
-    if spec.name in TOY_DATASETS:
-        return SamplerSource(get_toy(spec.name), conditional=spec.conditional)
-    if spec.name == "digits":
-        from flowdistill.data.digits import digits_tensors
-
-        x, y = digits_tensors(split, spec.image_size)
-        return TensorSource(x, y, conditional=spec.conditional)
-    if spec.name == "image_folder":
-        from flowdistill.data.images import image_folder_tensors
-
-        x, y = image_folder_tensors(spec.root, spec.image_size)
-        return TensorSource(x, y, conditional=spec.conditional)
-    raise UnknownNameError(f"unknown dataset {spec.name!r}; available: "
-                           f"{', '.join(TOY_DATASETS.names() + list(IMAGE_DATASETS))}")
-
-
-def sample_shape_of(spec) -> tuple[int, ...]:
-    """Shape of one data sample for a dataset spec."""
-    if spec.name in IMAGE_DATASETS:
-        return (1 if spec.name == "digits" else 3, spec.image_size, spec.image_size)
-    return (2,)
+# -- data: build_source (= data.registry.build_dataset) and sample_shape_of come from the dataset
+# registry, the one table that train, eval and model shapes share; ``train`` calls build_source
+# through this module's name.
 
 
 def _default_params(cfg: JobConfig, num_classes: int, two_time: bool) -> dict[str, Any]:

@@ -148,8 +148,10 @@ def test_corrupt_and_foreign_shards_are_refused_by_name(tmp_path, teachers, smal
     raw = bytearray(f1.read_bytes())
     raw[-3] ^= 0xFF
     f1.write_bytes(bytes(raw))
+    src = CouplingSource(CouplingStore(root))  # lazy: nothing is read yet
+    assert src.get_many(torch.tensor([0, 49, 100]))["x"].shape == (3, 2)  # shards 0 and 2 are fine
     with pytest.raises(CouplingError, match=r"shard-000001\.safetensors: checksum mismatch"):
-        CouplingSource(CouplingStore(root))
+        src.get_many(torch.tensor([0, 60]))  # a batch that needs a row of shard 1
     # resume repairs it (and only it)
     before = files(root)
     generate_couplings(teachers[0], root, CoupleSpec(**SMALL), (2,), resume=True, progress=False)
@@ -207,19 +209,68 @@ def test_couple_cli_refuses_to_clobber_or_mix_settings(tmp_path, teachers, capsy
 
 def test_batches_and_streams_do_not_depend_on_process_count(small_store):
     src = CouplingSource(CouplingStore(small_store))
-    full = src.batch(StepRNG(0, 7), 64)
-    parts = [src.batch(StepRNG(0, 7, rank=r, world=4), 16) for r in range(4)]
+    full = src.local_batch(StepRNG(0, 7).generator(), 0, 1, 64)
+    parts = [src.local_batch(StepRNG(0, 7).generator(), r, 4, 16) for r in range(4)]
     for k in ("x", "noise"):
         assert torch.equal(full[k], torch.cat([p[k] for p in parts]))
-    # pairs stay paired: the sample of a noise row is that row's sample
-    i = int((src.noise == full["noise"][0]).all(dim=1).nonzero()[0])
-    assert torch.equal(src.x[i], full["x"][0])
+    # the lazily read rows are the store's rows at the drawn indices: pairs stay paired
+    data = CouplingStore(small_store).load_all()
+    idx = torch.randint(len(src), (64,), generator=StepRNG(0, 7).generator())
+    assert torch.equal(full["x"], data["sample"][idx]) and torch.equal(full["noise"], data["noise"][idx])
+    # the reflow entry point (batch(rng, ...), until reflow draws through the loader) agrees
+    assert torch.equal(src.batch(StepRNG(0, 7, rank=1, world=4), 16)["noise"], parts[1]["noise"])
     store = CouplingStore(small_store)
     seen = [torch.stack([d["noise"] for d in CouplingStream(store, rank=r, world=2, seed=1)])
             for r in range(2)]
     allrows = torch.cat(seen)
     assert allrows.shape[0] == 230
     assert torch.unique(allrows, dim=0).shape[0] == 230
+
+
+def test_coupling_source_reads_only_the_shards_a_batch_touches(small_store, monkeypatch):
+    """Lazy source: nothing read at construction; a batch opens (and checksums, once) only its
+    shards; a corrupt shard fails the batch that needs it, not the others."""
+    import pickle
+
+    import flowdistill.data.couplings as couplings
+
+    opened, hashed = [], []
+    real_open, real_hash = couplings.safe_open, couplings.file_sha256
+
+    def counting_open(path, *a, **kw):
+        opened.append(Path(path).name)
+        return real_open(path, *a, **kw)
+
+    def counting_hash(path, *a, **kw):
+        hashed.append(Path(path).name)
+        return real_hash(path, *a, **kw)
+
+    monkeypatch.setattr(couplings, "safe_open", counting_open)
+    monkeypatch.setattr(couplings, "file_sha256", counting_hash)
+    src = CouplingSource(CouplingStore(small_store))
+    assert len(src) == 230 and opened == [] and hashed == []
+    idx = torch.tensor([110, 3, 149, 7, 3])  # shard_size 50: rows of shards 2 and 0 only
+    got = src.get_many(idx)
+    assert sorted(set(opened)) == sorted(set(hashed)) == [shard_name(0), shard_name(2)]
+    assert len(hashed) == 2
+    again = src.get_many(torch.tensor([0, 120]))
+    assert len(hashed) == 2  # each shard verified once, when first opened
+    data = CouplingStore(small_store).load_all()
+    assert torch.equal(got["x"], data["sample"][idx]) and torch.equal(got["noise"], data["noise"][idx])
+    assert torch.equal(again["x"], data["sample"][[0, 120]])
+    assert torch.equal(src[149]["noise"], data["noise"][149])
+    # a copy for a DataLoader worker carries no open handles and reads the same rows
+    clone = pickle.loads(pickle.dumps(src))
+    assert clone._open == {} and torch.equal(clone.get_many(idx)["x"], got["x"])
+    # corrupt the last shard (rows 200..229): batches elsewhere still work, one that needs it fails
+    f4 = small_store / shard_name(4)
+    raw = bytearray(f4.read_bytes())
+    raw[-5] ^= 0xFF
+    f4.write_bytes(bytes(raw))
+    fresh = CouplingSource(CouplingStore(small_store))
+    assert torch.equal(fresh.get_many(torch.tensor([5, 160]))["x"], data["sample"][[5, 160]])
+    with pytest.raises(CouplingError, match=r"shard-000004\.safetensors: checksum mismatch"):
+        fresh.get_many(torch.tensor([5, 210]))
 
 
 def test_conditional_guided_store_keeps_labels_and_null_share(tmp_path):
@@ -229,16 +280,18 @@ def test_conditional_guided_store_keeps_labels_and_null_share(tmp_path):
                       guidance_scale=2.0, uncond_share=0.25)
     root = generate_couplings(tmp_path / "t", tmp_path / "c", spec, (2,), conditional=True, progress=False)
     src = CouplingSource(CouplingStore(root))
-    assert src.num_classes == 8 and src.cond.shape == (400,)
-    null = (src.cond == 8).float().mean().item()
-    assert 0.15 < null < 0.35 and set(src.cond.unique().tolist()) == set(range(9))
-    assert set(src.batch(StepRNG(0, 0), 16)) == {"x", "noise", "cond"}
+    assert src.num_classes == 8 and len(src) == 400
+    everything = src.get_many(torch.arange(400))
+    assert everything["cond"].shape == (400,) and everything["cond"].dtype == torch.long
+    null = (everything["cond"] == 8).float().mean().item()
+    assert 0.15 < null < 0.35 and set(everything["cond"].unique().tolist()) == set(range(9))
+    assert set(src.local_batch(StepRNG(0, 0).generator(), 0, 1, 16)) == {"x", "noise", "cond"}
     # guidance changed the pairs: an unguided store of the same noise differs
     unguided = CoupleSpec(**{**spec.__dict__, "guidance_scale": 1.0})
     plain = generate_couplings(tmp_path / "t", tmp_path / "p", unguided, (2,), conditional=True,
                                progress=False)
     p = CouplingStore(plain).load_all()
-    assert torch.equal(p["noise"], src.noise) and torch.equal(p["cond"], src.cond)
-    assert not torch.allclose(p["sample"], src.x)
+    assert torch.equal(p["noise"], everything["noise"]) and torch.equal(p["cond"], everything["cond"])
+    assert not torch.allclose(p["sample"], everything["x"])
     with pytest.raises(ConfigError, match="needs a class-conditional teacher"):
         generate_couplings(tmp_path / "t", tmp_path / "u", spec, (2,), conditional=False, progress=False)

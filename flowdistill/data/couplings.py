@@ -26,7 +26,7 @@ a manifest that lists only complete shards; an unlisted or mismatching shard fil
 on resume.
 
 **Readers** (:class:`CouplingStore`, :class:`CouplingSource`, :class:`CouplingStream`) verify
-every shard they load — checksum, tensor names and shapes, the teacher hash in its metadata — and
+every shard they open — checksum, tensor names and shapes, the teacher hash in its metadata — and
 raise :class:`CouplingError` naming the shard file when anything is off.
 """
 
@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from flowdistill.core.rng import StepRNG
+from flowdistill.data.sources import IndexedSource
 from flowdistill.errors import FlowDistillError
 
 FORMAT = "flowdistill-couplings/1"
@@ -54,6 +55,10 @@ MANIFEST = "manifest.json"
 LOCK = "manifest.lock"
 META_KEY = "flowdistill_coupling"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: safetensors header dtype names of the tensors a shard may hold.
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 try:  # POSIX advisory locks; elsewhere manifest updates are unlocked (single process)
     import fcntl
@@ -290,53 +295,65 @@ class CouplingStore:
         """Path of shard ``index``."""
         return self.root / shard_name(index)
 
-    def load_shard(self, index: int, verify: bool = True) -> dict[str, Tensor]:
-        """Tensors of shard ``index`` (CPU), verified against the manifest.
+    def _bad(self, index: int, msg: str) -> CouplingError:
+        return CouplingError(f"coupling shard {self.shard_path(index)}: {msg}; regenerate it with "
+                             f"`flowdistill couple CONFIG --resume`")
 
-        Checks: the file exists; its sha256 equals the record's; its metadata names the manifest's
-        teacher and this index; ``noise`` and ``sample`` are ``[count, *sample_shape]`` of the
-        store's dtype; ``cond`` is ``[count]`` int64 exactly when the store is conditional.
+    def open_shard(self, index: int, verify: bool = True) -> Any:
+        """Shard ``index`` opened with ``safe_open`` (memory-mapped, no tensor read), verified.
+
+        Checks: the file exists; its sha256 equals the record's (``verify``); its metadata names the
+        manifest's teacher and this index; ``noise`` and ``sample`` are ``[count, *sample_shape]`` of
+        the store's dtype; ``cond`` is ``[count]`` int64 exactly when the store is conditional.
+        Names, shapes and dtypes come from the safetensors header, so opening reads no tensor data.
         """
         if index not in self.records:
             raise CouplingError(f"coupling shard {self.shard_path(index)} is not listed in the manifest")
         rec, path = self.records[index], self.shard_path(index)
-
-        def bad(msg: str) -> CouplingError:
-            return CouplingError(f"coupling shard {path}: {msg}; regenerate it with "
-                                 f"`flowdistill couple CONFIG --resume`")
-
         if not path.is_file():
-            raise bad("file missing")
+            raise self._bad(index, "file missing")
         if verify:
             digest = file_sha256(path)
             if digest != rec["sha256"]:
-                raise bad(f"checksum mismatch (file sha256 {digest[:12]}…, manifest {rec['sha256'][:12]}…)")
+                raise self._bad(index, f"checksum mismatch (file sha256 {digest[:12]}…, "
+                                       f"manifest {rec['sha256'][:12]}…)")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            f = safe_open(str(path), framework="pt")
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+            heads = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: list(h.get_shape()) for k, h in heads.items()}
+            dtypes = {k: _SAFETENSORS_DTYPES.get(h.get_dtype(), h.get_dtype()) for k, h in heads.items()}
         except Exception as e:  # safetensors raises its own error types for truncated files
             first = str(e).splitlines()[0] if str(e) else ""
-            raise bad(f"unreadable ({type(e).__name__}: {first})") from None
+            raise self._bad(index, f"unreadable ({type(e).__name__}: {first})") from None
         for key in ("teacher_sha256", "teacher_state_sha256"):
             if meta.get(key) != self.manifest.get(key):
-                raise bad(f"made by another teacher ({key} {str(meta.get(key))[:12]}…, "
-                          f"store {str(self.manifest.get(key))[:12]}…)")
+                raise self._bad(index, f"made by another teacher ({key} {str(meta.get(key))[:12]}…, "
+                                       f"store {str(self.manifest.get(key))[:12]}…)")
         if meta.get("index") != str(index):
-            raise bad(f"holds shard index {meta.get('index')!r}, expected {index}")
+            raise self._bad(index, f"holds shard index {meta.get('index')!r}, expected {index}")
         count = int(rec["count"])
         want = {"noise": [count, *self.sample_shape], "sample": [count, *self.sample_shape]}
         if self.conditional:
             want["cond"] = [count]
-        if set(tensors) != set(want):
-            raise bad(f"tensors {sorted(tensors)}, expected {sorted(want)}")
+        if set(shapes) != set(want):
+            raise self._bad(index, f"tensors {sorted(shapes)}, expected {sorted(want)}")
         for k, shape in want.items():
-            if list(tensors[k].shape) != shape:
-                raise bad(f"tensor {k!r} has shape {list(tensors[k].shape)}, expected {shape}")
+            if shapes[k] != shape:
+                raise self._bad(index, f"tensor {k!r} has shape {shapes[k]}, expected {shape}")
             dt = torch.int64 if k == "cond" else self.dtype
-            if tensors[k].dtype != dt:
-                raise bad(f"tensor {k!r} has dtype {tensors[k].dtype}, expected {dt}")
-        return tensors
+            if dtypes[k] != dt:
+                raise self._bad(index, f"tensor {k!r} has dtype {dtypes[k]}, expected {dt}")
+        return f
+
+    def load_shard(self, index: int, verify: bool = True) -> dict[str, Tensor]:
+        """All tensors of shard ``index`` (CPU), verified as :meth:`open_shard` describes."""
+        f = self.open_shard(index, verify)
+        try:
+            return {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise self._bad(index, f"unreadable ({type(e).__name__}: {first})") from None
 
     def verify(self) -> None:
         """Load and verify every listed shard."""
@@ -352,33 +369,87 @@ class CouplingStore:
         return out
 
 
-class CouplingSource:
-    """Training batches of coupled pairs (in memory), independent of the number of processes.
+class CouplingSource(IndexedSource):
+    """Coupled pairs as a map-style source, read lazily from the store, shard by shard.
 
-    ``batch(rng, local_batch)`` draws the *global* batch's indices (with replacement) from the
-    step's generator and keeps this process's slice, like every other batch source. Returns
-    ``{"x": sample, "noise": ε, "cond": c}`` (``cond`` only for conditional stores).
+    Pair ``i`` is row ``i`` of the shards concatenated in index order (as :meth:`CouplingStore.load_all`).
+    Nothing is read at construction; a batch opens only the shards its rows fall in (memory-mapped
+    with ``safe_open``, each verified by :meth:`CouplingStore.open_shard` the first time this
+    process opens it) and reads only those rows. Items ``{"x": sample, "noise": ε[, "cond": c]}``,
+    float32 (``cond`` long). Batches are drawn by :meth:`local_batch` like any indexed source, so
+    they do not depend on the number of processes or DataLoader workers.
     """
 
     def __init__(self, store: CouplingStore):
         self.store = store
-        data = store.load_all()
-        self.noise, self.x = data["noise"], data["sample"]
-        self.cond = data.get("cond")
-        self.conditional = self.cond is not None
+        self.conditional = store.conditional
         self.num_classes = store.num_classes if self.conditional else 0
-        self.sample_shape = store.sample_shape
+        self.sample_shape = tuple(store.sample_shape)
+        self._shards = store.indices
+        counts = torch.tensor([int(store.records[k]["count"]) for k in self._shards], dtype=torch.long)
+        self._ends = torch.cumsum(counts, 0)
+        self._starts = self._ends - counts
+        self._open: dict[int, Any] = {}  # shard index -> verified safe_open handle (this process)
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        """Number of pairs in the listed shards."""
+        return int(self._ends[-1]) if len(self._shards) else 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without open file handles (a DataLoader worker reopens and re-verifies)."""
+        state = self.__dict__.copy()
+        state["_open"] = {}
+        return state
+
+    def _handle(self, index: int) -> Any:
+        if index not in self._open:
+            self._open[index] = self.store.open_shard(index)
+        return self._open[index]
+
+    def _rows(self, index: int, rows: Tensor) -> dict[str, Tensor]:
+        """Rows ``rows`` (sorted, unique) of shard ``index``, read as contiguous runs."""
+        f = self._handle(index)
+        keys = ("noise", "sample", "cond") if self.conditional else ("noise", "sample")
+        breaks = (torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1).tolist()
+        bounds = list(zip([0, *breaks], [*breaks, len(rows)], strict=True))
+        out = {}
+        for k in keys:
+            sl = f.get_slice(k)
+            out[k] = torch.cat([sl[int(rows[a]):int(rows[b - 1]) + 1] for a, b in bounds])
+        return out
+
+    def get_many(self, idx: Tensor) -> dict[str, Tensor]:
+        """Pairs ``idx`` (global indices), reading each touched shard's rows once."""
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"coupling index out of range [0, {len(self)})")
+        pos = torch.searchsorted(self._ends, idx, right=True)
+        local = idx - self._starts[pos]
+        x = torch.empty(len(idx), *self.sample_shape)
+        noise = torch.empty(len(idx), *self.sample_shape)
+        cond = torch.empty(len(idx), dtype=torch.long) if self.conditional else None
+        for p in torch.unique(pos).tolist():
+            sel = torch.nonzero(pos == p).flatten()
+            rows, inv = torch.unique(local[sel], return_inverse=True)
+            got = self._rows(self._shards[p], rows)
+            x[sel] = got["sample"][inv].float()
+            noise[sel] = got["noise"][inv].float()
+            if cond is not None:
+                cond[sel] = got["cond"][inv]
+        out = {"x": x, "noise": noise}
+        if cond is not None:
+            out["cond"] = cond
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        """Pair ``i``."""
+        return {k: v[0] for k, v in self.get_many(torch.tensor([int(i)])).items()}
 
     def batch(self, rng: StepRNG, local_batch: int) -> dict[str, Tensor]:
-        """The step's global batch of pairs, this process's slice, on this process's device."""
-        idx = rng.slice(torch.randint(len(self), (local_batch * rng.world,), generator=rng.generator())).cpu()
-        out = {"x": self.x[idx].to(rng.device), "noise": self.noise[idx].to(rng.device)}
-        if self.cond is not None:
-            out["cond"] = self.cond[idx].to(rng.device)
-        return out
+        """Deprecated (until reflow draws through the loader): :meth:`local_batch` with ``rng``'s
+        generator and slice, on ``rng.device``. Same pairs as the former in-memory source."""
+        out = self.local_batch(rng.generator(), rng.rank, rng.world, local_batch)
+        return {k: v.to(rng.device) for k, v in out.items()}
 
 
 class CouplingStream(torch.utils.data.IterableDataset):

@@ -19,22 +19,16 @@ IMAGE_COLUMNS = ["model", "solver", "nfe", "fid", "fid_floor", "kid_mean", "kid_
                  "n"]
 
 
-def reference_images(run) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(reference images, real images for the floor, reference name) for a run's dataset."""
-    spec = run.cfg.data
-    if spec.name == "digits":
-        from flowdistill.data.digits import digits_tensors
+def reference_images(run, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(reference images, real images for the floor, reference name) for a run's dataset.
 
-        test, _ = digits_tensors("test", spec.image_size)
-        train, _ = digits_tensors("train", spec.image_size)
-        g = torch.Generator().manual_seed(0)
-        return test, train[torch.randperm(train.shape[0], generator=g)[: test.shape[0]]], \
-            f"digits-test-{spec.image_size}"
-    from flowdistill.data.images import image_folder_tensors
+    Read through the dataset registry from the run's own data spec (the dataset a run trained on
+    must be registered, e.g. through ``--plugin``); at most ``n`` images per set.
+    """
+    from flowdistill.data.registry import reference_images as dataset_reference
 
-    x, _ = image_folder_tensors(spec.root, spec.image_size)
-    half = x.shape[0] // 2
-    return x[:half], x[half: 2 * half], f"folder-{Path(spec.root).name}-{spec.image_size}"
+    ref = dataset_reference(run.cfg.data, n)
+    return ref.reference, ref.floor, ref.name
 
 
 def image_sweep(samplers: dict[str, Any], nfes: dict[str, list[int]], reference: torch.Tensor,
@@ -94,10 +88,11 @@ def evaluate_image_run(run, nfes: list[int], n: int, out_dir: Path, seed: int = 
     from flowdistill.eval.plots import image_grid, metric_vs_nfe
 
     _check_budgets(solver, nfes)
-    reference, floor_real, ref_name = reference_images(run)
-    n = min(int(n), reference.shape[0])
-    reference, floor_real = reference[:n], floor_real[:n]
-    extractor = "digits" if run.cfg.data.name == "digits" else "inception"
+    from flowdistill.data.registry import reference_images as dataset_reference
+
+    real = dataset_reference(run.cfg.data, int(n))
+    reference, floor_real, ref_name, extractor = real.reference, real.floor, real.name, real.feature_extractor
+    n = reference.shape[0]
     label = run.cfg.distiller.name
     tag = f"_{solver}" if solver else ""
     rows, samples = image_sweep({label: lambda k, nfe, s: run.sample(k, nfe, seed=s, solver=solver)},

@@ -11,14 +11,18 @@ TOY_COLUMNS = ["model", "nfe", "sw2", "sw2_floor", "energy", "energy_floor", "n"
 
 def evaluate_run(run, nfes: list[int], n: int, out_dir: Path, seed: int = 1234,
                  solver: str | None = None) -> str:
-    """NFE sweep of a :class:`~flowdistill.api.LoadedRun`; writes ``sweep.md/json`` and PNGs."""
-    from flowdistill.data.toy2d import TOY_DATASETS, get_toy
+    """NFE sweep of a :class:`~flowdistill.api.LoadedRun`; writes ``sweep.md/json`` and PNGs.
+
+    The dataset comes from the registry by the run's own ``data`` spec: toy datasets get distances
+    to their exact sampler, image datasets FID/KID against their reference images.
+    """
+    from flowdistill.data.registry import build_dataset, dataset_entry
     from flowdistill.eval.plots import metric_vs_nfe, scatter_grid
 
-    name = run.cfg.data.name
+    entry = dataset_entry(run.cfg.data.name)  # the run's own dataset; unknown -> UnknownNameError
     label = run.cfg.distiller.name
-    if name in TOY_DATASETS:
-        ds = get_toy(name)
+    if entry.kind == "toy":
+        ds = build_dataset(run.cfg.data).dataset  # the exact sampler behind the SamplerSource
         rows, samples = toy_sweep({label: lambda k, nfe, s: run.sample(k, nfe, seed=s, solver=solver)},
                                   {label: nfes}, ds, n, seed)
         md = write_table(rows, TOY_COLUMNS, out_dir)

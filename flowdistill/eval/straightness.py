@@ -59,10 +59,13 @@ def dataset_name(dataset: Any) -> str:
 
 
 def is_image_dataset(dataset: Any) -> bool:
-    """Whether ``dataset`` (a name or a data spec) is an image dataset (rows use FID), not a toy."""
-    from flowdistill.data.toy2d import TOY_DATASETS
+    """Whether ``dataset`` (a name or a data spec) is an image dataset (rows use FID), not a toy.
 
-    return dataset_name(dataset) not in TOY_DATASETS
+    Asks the dataset registry; a name nobody registered is an UnknownNameError.
+    """
+    from flowdistill.data.registry import dataset_entry
+
+    return dataset_entry(dataset_name(dataset)).kind == "image"
 
 
 def _straightness(run: Any, k: int, m: int, seed: int) -> float:
@@ -133,14 +136,12 @@ def image_quality_rows(runs: Mapping[str, Any], nfes: Mapping[str, Sequence[NfeS
     floor, fid, fid_floor, kid, kid_floor, precision, recall, straightness, straight_nfe, n}``;
     samples are clamped to [-1, 1]. ``cache_dir`` keeps the reference features.
     """
-    from types import SimpleNamespace
+    from flowdistill.data.registry import reference_images
+    from flowdistill.eval.image_eval import image_sweep
 
-    from flowdistill.eval.image_eval import image_sweep, reference_images
-
-    reference, floor_real, ref_name = reference_images(SimpleNamespace(cfg=SimpleNamespace(data=data)))
-    n = min(int(n), reference.shape[0])
-    reference, floor_real = reference[:n], floor_real[:n]
-    extractor = "digits" if dataset_name(data) == "digits" else "inception"
+    real = reference_images(data, int(n))
+    reference, floor_real, ref_name, extractor = real.reference, real.floor, real.name, real.feature_extractor
+    n = reference.shape[0]
     rows = []
     for label, run in runs.items():
         k = straight_nfe[label] if isinstance(straight_nfe, Mapping) else straight_nfe
