@@ -21,6 +21,13 @@ How the pieces fit:
   We call them directly, rather than ``calculate_metrics``, so that each input passes through the
   network once and so that the reference cache is a safetensors file: torch-fidelity's own cache
   is unpickled with ``weights_only=False``, which this project never does.
+- Feature chunks: the feature network always runs on chunks of ``feature_batch_size`` images
+  (default 256), whatever ``batch_size`` the sampler is drawn with. The CPU kernels behind its
+  convolutions (oneDNN) and linear layers (MKL sgemm) choose their algorithm and blocking from the
+  chunk's shape, so the same image in a chunk of 7 and in a chunk of 200 gets features that differ
+  by a few float32 ulps (the same dot products summed in another order). With fixed chunks the
+  features, and so every metric, are a function of the images alone (for a given machine and
+  thread count): a sampler drawn in batches of 64 and the tensor of the same draws score the same.
 - KID: ``kid_subset_size`` defaults to ``min(1000, n, n_ref)``; an explicit value larger than
   either set is a one-line ValueError. When the subset size equals the smaller set, every subset of
   that set is the whole set, so ``kid_std`` mostly reflects the other set (≈ 0 at equal ``n``);
@@ -116,6 +123,7 @@ def compute_fid(
     inception_weights: str | os.PathLike | None = None,
     cuda: bool = False,
     batch_size: int = 256,
+    feature_batch_size: int = 256,
     seed: int = 0,
     kid_subset_size: int | None = None,
     kid_subsets: int = 100,
@@ -135,6 +143,9 @@ def compute_fid(
         digits_weights, inception_weights: weights files; digits defaults to the bundled asset,
             inception to torch hub's cached ``weights-inception-2015-12-05-6726825d.pth``.
         cuda: run the feature network (and sampler generator) on the GPU.
+        batch_size: how many images a sampler is asked for per call (it only changes the draws).
+        feature_batch_size: images per chunk through the feature network; fixed on purpose, not
+            tied to ``batch_size`` (see the module docstring). Lower it only to save memory.
         seed: seeds the sampler's generator and the KID subset draws.
         kid_subset_size: defaults to ``min(1000, n, n_ref)``; larger than either set is an error.
         cache_dir, reference_name: cache the reference features (see the module docstring).
@@ -153,8 +164,9 @@ def compute_fid(
         raise ValueError(f"feature_extractor must be 'digits' or 'inception', got {feature_extractor!r}")
     if cuda and not torch.cuda.is_available():
         raise ValueError("cuda=True but no CUDA device is available")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if batch_size < 1 or feature_batch_size < 1:
+        raise ValueError(f"batch_size and feature_batch_size must be positive, got {batch_size}, "
+                         f"{feature_batch_size}")
     device = "cuda" if cuda else "cpu"
 
     if not isinstance(reference, (Dataset, str, os.PathLike)) and not torch.is_tensor(reference):
@@ -186,11 +198,11 @@ def compute_fid(
         feature_extractor_weights_path=str(weights),
         feature_extractor_compile=False,
     )
-    f1 = _extract(extractor, inp, layer, batch_size, cuda, verbose)
+    f1 = _extract(extractor, inp, layer, feature_batch_size, cuda, verbose)
 
     def ref_features() -> Tensor:
         """Reference features through the same extractor."""
-        return _extract(extractor, ref, layer, batch_size, cuda, verbose)
+        return _extract(extractor, ref, layer, feature_batch_size, cuda, verbose)
 
     if cache_dir is not None:
         key = re.sub(r"[^A-Za-z0-9._-]+", "_", reference_name) if reference_name else ref.fingerprint()
