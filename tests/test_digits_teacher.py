@@ -89,6 +89,7 @@ def test_class_conditional_samples_have_their_label(teacher):
     assert classifier_accuracy(load_digits_classifier(), x, y) >= 0.9
 
 
+@pytest.mark.slow  # convergence check (~30-45 s on 2 cores); run with -m slow
 def test_heun64_fid_within_twice_train_vs_test(teacher, protocol):
     """The target: FID at Heun NFE 128 (64 steps), n = 360, <= 2 x the train-vs-test floor."""
     model, cfg = teacher

@@ -185,6 +185,7 @@ instaflow:
 """
 
 
+@pytest.mark.slow  # convergence check (~30-45 s on 2 cores); run with -m slow
 def test_chain_straightens_the_teacher_and_distils_one_step(tmp_path):
     from flowdistill.couplings.pipeline import pipeline_rows, run_pipeline
 
