@@ -36,3 +36,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def main_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``flowdistill.cli.main(ARGS)`` in this process: ``(exit status, stdout, stderr)``.
+
+    ``main`` returns the status for errors it handles; argparse errors raise ``SystemExit(2)``
+    after printing, so both are turned into the status a shell would see. ``capsys`` is pytest's
+    fixture; what was captured before the call is discarded.
+    """
+    from flowdistill.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
