@@ -12,13 +12,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from flowdistill.config import JobConfig, load_config, to_yaml
+from flowdistill.core.registry import UnknownNameError
 from flowdistill.data.registry import build_dataset as build_source
 from flowdistill.data.registry import sample_shape_of
 from flowdistill.distillers import DISTILLERS, Distiller
 from flowdistill.errors import CheckpointError, ConfigError
-from flowdistill.models import build_model
+from flowdistill.models import MODELS, build_model
 from flowdistill.models.loading import load_model_dir
-from flowdistill.runs import export_student, prepare_run_dir, read_meta
+from flowdistill.runs import check_run_dir, export_student, holds_run, prepare_run_dir, read_meta
 from flowdistill.training.loop import Trainer
 
 # -- data: build_source (= data.registry.build_dataset) and sample_shape_of come from the dataset
@@ -41,7 +42,13 @@ def _default_params(cfg: JobConfig, num_classes: int, two_time: bool) -> dict[st
 
 # -- building -----------------------------------------------------------------------------
 def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
-    """Student (and teacher, when the method needs one) and the distiller around them."""
+    """Student (and teacher, when the method needs one) and the distiller around them.
+
+    A distilled student is built with the teacher's architecture and sizes (``model.params``
+    override single values) and starts from its weights. A teacher of another architecture than
+    ``model.name``, a size change that the teacher's weights cannot fill, or data the nets cannot
+    take is a :class:`~flowdistill.errors.ConfigError` saying what the teacher is.
+    """
     cls = DISTILLERS.get(cfg.distiller.name)
     two_time = bool(getattr(cls, "student_two_time", False))
     torch.manual_seed(cfg.train.seed)  # same initial weights in every process and every run
@@ -50,23 +57,65 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
         if not cfg.teacher:
             raise ConfigError(f"distiller {cls.name!r} needs a teacher: set teacher=PATH "
                               f"(a run's student/ directory)")
-        teacher = load_model_dir(_model_dir(Path(cfg.teacher)))
+        teacher_dir = _model_dir(Path(cfg.teacher))
+        try:
+            teacher = load_model_dir(teacher_dir)
+        except UnknownNameError as e:
+            raise ConfigError(f"teacher {teacher_dir}: {e} (a model of your own registers when its "
+                              f"module is imported: --plugin MODULE)") from None
+        _check_architecture(teacher, teacher_dir, cfg)
         params = {**dict(teacher.config), **dict(cfg.model.params), "two_time": two_time}
         params = {k: v for k, v in params.items() if not k.startswith("_")}
         student = build_model(cfg.model.name, **params)
         _check_compatible(student, teacher, cfg)
         init = getattr(student, "init_from", None)
-        if callable(init):
-            init(teacher)
-        else:
-            student.load_state_dict(teacher.state_dict(), strict=False)
+        try:
+            if callable(init):
+                init(teacher)
+            else:
+                student.load_state_dict(teacher.state_dict(), strict=False)
+        except (RuntimeError, ValueError) as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            detail = next((ln for ln in lines if "size mismatch" in ln), lines[0])
+            changed = {k: v for k, v in dict(cfg.model.params).items() if teacher.config.get(k, v) != v}
+            what = (", ".join(f"model.params.{k}={v!r} (teacher: {teacher.config[k]!r})"
+                              for k, v in changed.items()) or "the student's sizes")
+            raise ConfigError(f"the student cannot start from teacher {teacher_dir}: {what} change its "
+                              f"tensor sizes ({detail})") from None
     else:
         num_classes = source.num_classes if source is not None else 0
         student = build_model(cfg.model.name, **_default_params(cfg, num_classes, two_time))
     return cls(cfg.distiller, student, teacher)
 
 
+#: Config entries that say what a saved net is, in the order they are reported.
+_KEY_PARAMS = ("data_dim", "in_channels", "sample_size", "patch_size", "hidden", "depth", "heads",
+               "base_channels", "channel_mults", "num_res_blocks", "num_classes", "two_time")
+
+
+def _describe_model(model: nn.Module) -> str:
+    """``name=value`` of a saved net's key config entries (all of them, up to 8, for an unknown net)."""
+    conf = {k: v for k, v in dict(getattr(model, "config", {}) or {}).items() if not k.startswith("_")}
+    keys = [k for k in _KEY_PARAMS if k in conf] or sorted(conf)[:8]
+    return ", ".join(f"{k}={conf[k]}" for k in keys)
+
+
+def _check_architecture(teacher: nn.Module, teacher_dir: Path, cfg: JobConfig) -> None:
+    """The student is built with the teacher's architecture: ``model.name`` must name it."""
+    wanted = MODELS.get(cfg.model.name)  # an unknown name lists the registered ones
+    if isinstance(teacher, wanted):
+        return
+    tname = next((n for n in MODELS.names() if MODELS.get(n) is type(teacher)), None)
+    registered = f"; registered as model {tname!r}" if tname else ""
+    fix = f"set model.name={tname}" if tname else "set model.name to the teacher's architecture"
+    raise ConfigError(
+        f"teacher {teacher_dir} holds a {type(teacher).__name__} (config.json _class_name{registered}) "
+        f"with {_describe_model(teacher)}; the config asks for model.name={cfg.model.name!r} "
+        f"({wanted.__name__}), but the student takes the teacher's architecture: {fix}")
+
+
 def _check_compatible(student: nn.Module, teacher: nn.Module, cfg: JobConfig) -> None:
+    """Teacher and student take the dataset's sample shape, map it to itself and agree on classes."""
     shape = sample_shape_of(cfg.data)
     for name, m in (("teacher", teacher), ("student", student)):
         x = torch.zeros(2, *shape)
@@ -75,7 +124,8 @@ def _check_compatible(student: nn.Module, teacher: nn.Module, cfg: JobConfig) ->
             with torch.no_grad():
                 y = m(x, t)
         except Exception as e:
-            raise ConfigError(f"{name} does not accept data of shape {list(shape)} "
+            desc = f" ({type(m).__name__}: {_describe_model(m)})" if name == "teacher" else ""
+            raise ConfigError(f"{name}{desc} does not accept data of shape {list(shape)} "
                               f"(dataset {cfg.data.name!r}): {str(e).splitlines()[0]}") from None
         if y.shape != x.shape:
             raise ConfigError(f"{name} maps {list(x.shape)} to {list(y.shape)}; shapes must match")
@@ -86,27 +136,44 @@ def _check_compatible(student: nn.Module, teacher: nn.Module, cfg: JobConfig) ->
 
 
 def _model_dir(path: Path) -> Path:
-    """Accept a run directory (uses its student/) or a model directory."""
+    """Accept a run directory (uses its student/) or a model directory; anything else is a
+    :class:`~flowdistill.errors.CheckpointError` saying what the path is."""
+    if not path.exists():
+        raise CheckpointError(f"teacher {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"teacher {path} is a file; expected a run directory or a saved model "
+                              f"directory (with config.json)")
     if (path / "student" / "config.json").is_file():
         return path / "student"
+    if not (path / "config.json").is_file() and holds_run(path):
+        raise CheckpointError(f"teacher {path} is a run directory without an exported student/ "
+                              f"(training unfinished?)")
     return path
 
 
 # -- training -----------------------------------------------------------------------------
 def train(cfg: JobConfig, resume: bool = False, overwrite: bool = False,
           on_plot: Callable | None = None) -> Path:
-    """Run a training job (teacher or distillation) and export the student; returns the run dir."""
+    """Run a training job (teacher or distillation) and export the student; returns the run dir.
+
+    Nothing is written before every check has passed: the run directory is checked (writable,
+    not a refused existing run, the saved config matches on ``resume``) before anything is built,
+    and on ``resume`` the newest checkpoint is loaded before ``config.yaml`` is rewritten, so a
+    corrupt checkpoint leaves the run as it was.
+    """
     run_dir = Path(cfg.out_dir)
+    config_yaml = to_yaml(cfg)
+    check_run_dir(run_dir, config_yaml, resume=resume, overwrite=overwrite)  # read-only, every process
     cls = DISTILLERS.get(cfg.distiller.name)
     source = build_source(cfg.data) if cls.needs_data else None
     distiller = build_distiller_for(cfg, source)
     trainer = Trainer(distiller, cfg.train, run_dir, source=source,
                       sample_shape=sample_shape_of(cfg.data), on_plot=on_plot)
-    if trainer.is_main:
-        prepare_run_dir(run_dir, to_yaml(cfg), resume=resume, overwrite=overwrite)
-    trainer.acc.wait_for_everyone()
     if resume:
-        trainer.resume()
+        trainer.resume()  # CheckpointError on a corrupt newest checkpoint, before anything is written
+    if trainer.is_main:
+        prepare_run_dir(run_dir, config_yaml, resume=resume, overwrite=overwrite)
+    trainer.acc.wait_for_everyone()
     trainer.fit()
     if trainer.is_main:
         export_student(trainer.eval_student(), run_dir,

@@ -7,11 +7,13 @@ names the key. Configs name registered components only; nothing is imported from
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flowdistill.core.registry import UnknownNameError
@@ -74,18 +76,82 @@ def _schema(name: str) -> DictConfig:
     return base
 
 
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "gzip data"), (b"%PDF", "a PDF file"),
+          (b"\x7fELF", "an executable"))
+
+
+def _yaml_position(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    if not problem:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx and cmark is not None:
+        problem += f" ({ctx} at line {cmark.line + 1}, column {cmark.column + 1})"
+    elif ctx:
+        problem += f" ({ctx})"
+    return problem
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> DictConfig | ListConfig:
+    """Parse the YAML file ``path``; a missing, unreadable, binary or malformed file is a
+    :class:`~flowdistill.errors.ConfigError` naming the file (and the line where YAML gives one).
+
+    ``what`` names the file in messages (``"config file"``, ``"saved config"``).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory, not a YAML file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {p} cannot be read: {e.strerror or e}") from None
+    kind = next((k for magic, k in _MAGIC if data.startswith(magic)), None)
+    nul = data.find(b"\x00")
+    if kind is not None or nul >= 0:
+        why = kind or f"binary data, a NUL byte at offset {nul}"
+        raise ConfigError(f"{what} {p} is not a text file ({why}); expected YAML")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {p} is not a text file (byte 0x{data[e.start]:02x} at offset {e.start} "
+                          f"is not UTF-8); expected YAML") from None
+    try:
+        return OmegaConf.load(io.StringIO(text))
+    except yaml.reader.ReaderError as e:  # control characters: binary content that decodes as UTF-8
+        raise ConfigError(f"{what} {p} is not a text file (control character 0x{e.character:02x} at "
+                          f"character {e.position}); expected YAML") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {_yaml_position(e)}{_yaml_problem(e)}") from None
+    except (OmegaConfBaseException, OSError, ValueError) as e:  # a scalar document, a bad interpolation
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if msg.startswith("Invalid loaded object type: "):
+            raise ConfigError(f"{what} {p} must hold a mapping (key: value lines), not a single "
+                              f"{msg.rsplit(' ', 1)[-1]} value") from None
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{what} {p}: " + (f"key '{key}': " if key else "") + msg) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 default_distiller: str = "flow_matching") -> JobConfig:
-    """Load YAML (optional) + ``key=value`` overrides into a validated :class:`JobConfig`."""
+    """Load YAML (optional) + ``key=value`` overrides into a validated :class:`JobConfig`.
+
+    A file that is missing, binary or not valid YAML, an unknown key, a wrong type or a bad value
+    is a :class:`~flowdistill.errors.ConfigError` naming the file or the key.
+    """
     try:
         raw = OmegaConf.create({})
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file {p} does not exist")
-            raw = OmegaConf.load(p)
+            raw = read_yaml_file(path)
             if not isinstance(raw, DictConfig):
-                raise ConfigError(f"config file {p} must hold a mapping")
+                raise ConfigError(f"config file {path} must hold a mapping (key: value lines), not a list")
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")

@@ -6,7 +6,7 @@ class FlowDistillError(Exception):
 
 
 class ConfigError(FlowDistillError):
-    """A config is invalid: unknown key, wrong type, missing value, bad value."""
+    """A config is invalid: unreadable or not YAML, unknown key, wrong type, missing or bad value."""
 
 
 class CheckpointError(FlowDistillError):
@@ -14,7 +14,12 @@ class CheckpointError(FlowDistillError):
 
 
 class RunDirError(FlowDistillError):
-    """The output directory already holds a run (and neither --overwrite nor --resume was given)."""
+    """The output directory cannot be used: it already holds a run (and neither --overwrite nor
+    --resume was given), it is a file or lies under one, or it cannot be written."""
+
+
+class PluginError(FlowDistillError):
+    """A ``--plugin`` module could not be found or imported."""
 
 
 class TrainingDiverged(FlowDistillError):

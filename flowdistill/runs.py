@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from flowdistill.config import read_yaml_file
 from flowdistill.errors import CheckpointError, ConfigError, RunDirError
 
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl", "student")
@@ -20,34 +21,99 @@ def holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
 
 
-def prepare_run_dir(run_dir: Path, config_yaml: str, resume: bool, overwrite: bool) -> None:
-    """Create ``run_dir`` or check it may be reused; write ``config.yaml`` atomically.
+def _not_writable(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return f"{path} is on a read-only file system"
+    except OSError:
+        pass
+    return f"{path} is not writable (permission denied)"
 
-    A directory holding a run is refused unless ``overwrite`` (its run files are removed) or
-    ``resume`` (the saved config must match, except ``train.steps`` which may grow).
+
+def check_output_dir(path: str | Path, what: str = "out_dir") -> None:
+    """Check, without writing anything, that the directory ``path`` exists or can be created and
+    written: it must not be a file, lie under a file, or sit in a directory this process cannot
+    write (a read-only file system, permission bits, an immutable directory).
+
+    Raises :class:`~flowdistill.errors.RunDirError` naming ``what`` (the option that chose the path).
     """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{what} {path} is a file, not a directory")
+    anc = path
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise RunDirError(f"{what} {path} lies under {anc}, which is a file, not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise RunDirError(f"{what} {path} cannot be written: {_not_writable(anc)}")
+
+
+def _check_removable(run_dir: Path) -> None:
+    """Every directory that ``--overwrite`` would empty must be writable (nothing is removed before)."""
+    for m in RUN_MARKERS:
+        top = run_dir / m
+        dirs = [top] if top.is_dir() and not top.is_symlink() else []
+        if dirs:
+            dirs += [Path(d) / n for d, ns, _ in os.walk(top) for n in ns if not (Path(d) / n).is_symlink()]
+        for d in dirs:
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise RunDirError(f"--overwrite: {run_dir} cannot be replaced: {_not_writable(d)}")
+
+
+def check_run_dir(run_dir: Path, config_yaml: str, resume: bool, overwrite: bool) -> None:
+    """Every check of :func:`prepare_run_dir`, and nothing written: call it before any work.
+
+    ``run_dir`` must be creatable and writable (see :func:`check_output_dir`). A directory holding
+    a run is refused unless ``overwrite`` (every directory to empty must be writable) or ``resume``
+    (the saved ``config.yaml`` must match ``config_yaml``, except ``train.steps`` which may grow).
+    """
+    run_dir = Path(run_dir)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    check_output_dir(run_dir)
     if holds_run(run_dir):
         if overwrite:
-            for m in RUN_MARKERS:
-                p = run_dir / m
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            _check_removable(run_dir)
         elif resume:
             saved = run_dir / "config.yaml"
-            if saved.is_file():
-                _check_same(OmegaConf.to_container(OmegaConf.load(saved)),
+            if saved.exists():
+                _check_same(OmegaConf.to_container(read_yaml_file(saved, "--resume: saved config")),
                             OmegaConf.to_container(OmegaConf.create(config_yaml)))
+            ck = run_dir / "checkpoints"
+            for p in (ck, run_dir / "metrics.jsonl"):
+                if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+                    raise RunDirError(f"--resume: {run_dir} cannot be continued: {_not_writable(p)}")
         else:
             raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it "
                               f"or --overwrite to replace it")
     elif resume:
         raise CheckpointError(f"--resume: {run_dir} holds no run to resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", config_yaml)
+
+
+def prepare_run_dir(run_dir: Path, config_yaml: str, resume: bool, overwrite: bool) -> None:
+    """Create ``run_dir`` or check it may be reused; write ``config.yaml`` atomically.
+
+    The checks of :func:`check_run_dir` run first, so a refused directory is left as it was. With
+    ``overwrite`` the run files of an existing run are removed; with ``resume`` the saved config is
+    replaced (only ``train.steps`` may differ), so call this after the checkpoint to resume from has
+    been loaded. An OS error while writing is a :class:`~flowdistill.errors.RunDirError`.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, config_yaml, resume=resume, overwrite=overwrite)
+    try:
+        if overwrite and holds_run(run_dir):
+            for m in RUN_MARKERS:
+                p = run_dir / m
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.exists() or p.is_symlink():
+                    p.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise RunDirError(f"cannot write the run directory {run_dir}: {e.strerror or e}{where}") from None
 
 
 def _check_same(saved: Any, new: Any, prefix: str = "") -> None:
@@ -65,8 +131,12 @@ def _check_same(saved: Any, new: Any, prefix: str = "") -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def export_student(model, run_dir: Path, meta: dict[str, Any]) -> Path:
