@@ -46,7 +46,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from flowdistill.core.rng import StepRNG
 from flowdistill.data.sources import IndexedSource
 from flowdistill.errors import FlowDistillError
 
@@ -444,12 +443,6 @@ class CouplingSource(IndexedSource):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         """Pair ``i``."""
         return {k: v[0] for k, v in self.get_many(torch.tensor([int(i)])).items()}
-
-    def batch(self, rng: StepRNG, local_batch: int) -> dict[str, Tensor]:
-        """Deprecated (until reflow draws through the loader): :meth:`local_batch` with ``rng``'s
-        generator and slice, on ``rng.device``. Same pairs as the former in-memory source."""
-        out = self.local_batch(rng.generator(), rng.rank, rng.world, local_batch)
-        return {k: v.to(rng.device) for k, v in out.items()}
 
 
 class CouplingStream(torch.utils.data.IterableDataset):
