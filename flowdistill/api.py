@@ -168,15 +168,17 @@ def train(cfg: JobConfig, resume: bool = False, overwrite: bool = False,
     source = build_source(cfg.data) if cls.needs_data else None
     distiller = build_distiller_for(cfg, source)
     trainer = Trainer(distiller, cfg.train, run_dir, source=source,
-                      sample_shape=sample_shape_of(cfg.data), on_plot=on_plot)
+                      sample_shape=sample_shape_of(cfg.data), on_plot=on_plot,
+                      tracker_config=OmegaConf.to_container(OmegaConf.structured(cfg)))
     if resume:
         trainer.resume()  # CheckpointError on a corrupt newest checkpoint, before anything is written
     if trainer.is_main:
         prepare_run_dir(run_dir, config_yaml, resume=resume, overwrite=overwrite)
     trainer.acc.wait_for_everyone()
     trainer.fit()
+    student = trainer.eval_student()  # every rank: gathering a sharded student is a collective
     if trainer.is_main:
-        export_student(trainer.eval_student(), run_dir,
+        export_student(student, run_dir,
                        {"distiller": cfg.distiller.name, "data": cfg.data.name, "steps": trainer.step})
     trainer.acc.wait_for_everyone()
     return run_dir

@@ -32,12 +32,14 @@ class ModelSpec:
 
 @dataclass
 class DataSpec:
-    """A registered dataset: a toy target (``checkerboard``, ...) or ``digits``."""
+    """A registered dataset (``flowdistill.data.registry``): a toy target, ``digits``,
+    ``image_folder`` or one a ``--plugin`` module registers; ``params`` are that factory's own."""
 
     name: str = "checkerboard"
     conditional: bool = False
     image_size: int = 16  # digits / image folders
     root: str = ""  # image folders
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

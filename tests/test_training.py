@@ -33,10 +33,11 @@ def test_teacher_loss_goes_down(tmp_path):
     # held-out flow-matching loss of the exported (EMA) student vs the untrained net
     from flowdistill.api import load_run
     from flowdistill.core.rng import StepRNG
+    from flowdistill.data.loader import batch_for
 
     loaded = load_run(run)
     fresh = build_distiller_for(cfg, build_source(cfg.data))
-    batch = build_source(cfg.data).batch(StepRNG(99, 0), 20000)
+    batch = batch_for(build_source(cfg.data), 99, 0, local_batch=20000)
     with torch.no_grad():
         trained = loaded.distiller.loss(batch, 0, "student", StepRNG(7, 0))["loss"].item()
         untrained = fresh.loss(batch, 0, "student", StepRNG(7, 0))["loss"].item()

@@ -6,6 +6,11 @@ tangent ``d`` (e.g. ``∂_s u(x, t, s)`` is the tangent ``(0, 0, 1)``). ``method
 attention backend, since fused attention kernels have no forward-mode rule; ``method="fd"``
 uses a central difference with step ``h`` and no graph. Both return ``(f(p), derivative)``
 with the derivative detached.
+
+Under DDP the gradient must flow through the wrapper's own forward (that is where DDP hooks its
+all-reduce), while JVP needs the bare module: pass the wrapped call as ``forward`` and the bare
+call as ``fn``; the returned value is then ``forward(p)`` (with gradient) and the derivative is
+taken on ``fn`` without a graph — one extra forward, no custom all-reduce.
 """
 
 from __future__ import annotations
@@ -39,8 +44,16 @@ def _math_attention():
 
 def directional_derivative(fn: Callable[..., Tensor], primals: Sequence[Tensor],
                            tangents: Sequence[Tensor | None], method: str = "jvp",
-                           h: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """``(fn(*primals), d/dτ fn(primals + τ·tangents))``; ``None`` tangents are zero."""
+                           h: float = 1e-3, forward: Callable[..., Tensor] | None = None
+                           ) -> tuple[Tensor, Tensor]:
+    """``(fn(*primals), d/dτ fn(primals + τ·tangents))``; ``None`` tangents are zero.
+
+    ``forward``: the same function through an engine wrapper; when given (and not ``fn``), the
+    value comes from it and the derivative from ``fn`` under no-grad (see the module doc)."""
+    if forward is not None and forward is not fn:
+        with torch.no_grad():
+            _, d = directional_derivative(fn, primals, tangents, method=method, h=h)
+        return forward(*primals), d
     tangents = [torch.zeros_like(p) if d is None else d.to(p.dtype) for p, d in zip(primals, tangents,
                                                                                      strict=True)]
     if method == "jvp":

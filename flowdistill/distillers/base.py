@@ -99,6 +99,35 @@ class Distiller(nn.Module):
         cls.__init__(obj, cfg, student, None)
         return obj
 
+    # -- engine ------------------------------------------------------------------------
+    def trainable_nets(self) -> dict[str, nn.Module]:
+        """The nets the optimiser trains, by attribute name (default: the student alone).
+
+        The loop wraps each through the engine (DDP / FSDP via ``accelerator.prepare``); every
+        parameter of :meth:`optim_groups` must belong to one of them. A method with an auxiliary
+        trainable net (a critic, a fake-velocity net) returns it here too.
+        """
+        return {"student": self.student}
+
+    def net(self, name: str) -> nn.Module:
+        """The module to call for a forward that carries gradient into trainable net ``name``:
+        the engine's wrapper once the loop has attached one (DDP averages gradients only through
+        its own forward), else the net itself. Stop-gradient targets and forward-mode JVPs may
+        call the bare net (``self.student``); under FSDP (sharded parameters) use this for every
+        call, and finite differences for derivatives."""
+        wrapped = self.__dict__.get("_engine_nets", {}).get(name)
+        return wrapped if wrapped is not None else getattr(self, name)
+
+    def attach_engine(self, wrapped: dict[str, nn.Module]) -> None:
+        """Called by the loop with the engine's wrappers of :meth:`trainable_nets` (kept out of the
+        module tree, so state dicts and checkpoints keep their keys)."""
+        self.__dict__["_engine_nets"] = dict(wrapped)
+
+    def batch_source(self):
+        """A data source of the method's own (e.g. a coupling store), or ``None``: then the loop
+        uses the job's dataset when :attr:`needs_data`, else :meth:`prior_batch`."""
+        return None
+
     # -- helpers -----------------------------------------------------------------------
     def prior_batch(self, rng: StepRNG, local_batch: int, sample_shape: tuple[int, ...]) -> dict[str, Tensor]:
         """A data-free batch: noise only (data-free methods never see a dataset)."""

@@ -70,7 +70,7 @@ class FlowMatching(Distiller):
         if cond is not None and self.num_classes > 0:
             cond = drop_condition(cond, self.cfg.cond_dropout, self.num_classes, u)
         x_t, target = self.path.sample_and_target(x, eps, t)
-        v = self.student(x_t, t, cond=cond)
+        v = self.net("student")(x_t, t, cond=cond)
         loss = self.premetric(v, target).mean()
         return {"loss": loss}
 

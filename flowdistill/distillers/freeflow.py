@@ -98,6 +98,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdistill.core.derivatives import directional_derivative
+from flowdistill.core.distributed import global_rms
 from flowdistill.core.dmd import dm_gradient, dm_surrogate_loss, fake_velocity_target, renoise
 from flowdistill.core.flowmap import flow_map_chain, flow_map_jump, sample_flow_map
 from flowdistill.core.rng import StepRNG
@@ -204,7 +205,8 @@ class FreeFlowConfig(DistillerConfig):
 
 
 def _rms(x: Tensor) -> Tensor:
-    return x.detach().pow(2).mean().sqrt()
+    """RMS over the global batch (all processes), so the balancing is the same on 1 or N."""
+    return global_rms(x)
 
 
 @register_distiller("freeflow")
@@ -230,6 +232,13 @@ class FreeFlow(Distiller):
             self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
 
     # -- parameter groups --------------------------------------------------------------
+    def trainable_nets(self) -> dict[str, nn.Module]:
+        """The student and, when the correction is on, the fake-velocity net ψ."""
+        nets = {"student": self.student}
+        if self.fake is not None:
+            nets["fake"] = self.fake
+        return nets
+
     def optim_groups(self, lr: float) -> list[OptimGroup]:
         """``"fake"`` (ψ, ``fake_repeats`` updates per step) first, then ``"student"``."""
         groups = []
@@ -309,10 +318,16 @@ class FreeFlow(Distiller):
         delta = t * (1 - u_delta)
         s = torch.where(u_zero < cfg.s_zero_share, torch.zeros_like(t), t - delta).clamp_min(0.0)
 
-        def u_of_s(s_: Tensor) -> Tensor:
+        def u_of_s(s_: Tensor) -> Tensor:  # the bare student: JVP cannot pass an engine wrapper
             return self.student(x_t, t, s_, cond=cond)
 
-        u, du_ds = directional_derivative(u_of_s, (s,), (ones,), method=cfg.derivative, h=cfg.fd_step)
+        student = self.net("student")
+
+        def u_of_s_wrapped(s_: Tensor) -> Tensor:  # the gradient-carrying call (DDP averages it)
+            return student(x_t, t, s_, cond=cond)
+
+        u, du_ds = directional_derivative(u_of_s, (s,), (ones,), method=cfg.derivative, h=cfg.fd_step,
+                                          forward=None if student is self.student else u_of_s_wrapped)
         with torch.no_grad():
             dt = self._bt(s - t, eps)
             x_s = x_t + dt * u.detach()
@@ -355,15 +370,16 @@ class FreeFlow(Distiller):
         ``k = correction_nfe[i mod len]`` jumps on the sampling grid, ``x̂ = X_θ(ε, 1, 0)`` for
         ``k = 1``, the ``k``-step chain of jumps otherwise (gradient through every jump)."""
         nfes = [int(k) for k in self.cfg.correction_nfe]
+        student = self.net("student")
         if len(nfes) == 1:
-            return flow_map_chain(self.student, eps, nfes[0], self.cfg.sample_grid, cond)
+            return flow_map_chain(student, eps, nfes[0], self.cfg.sample_grid, cond)
         which = torch.arange(eps.shape[0], device=eps.device) % len(nfes)
         out = torch.empty_like(eps)
         for j, k in enumerate(nfes):
             idx = (which == j).nonzero(as_tuple=True)[0]
             if idx.numel():
                 sub = None if cond is None else cond[idx]
-                x_k = flow_map_chain(self.student, eps[idx], k, self.cfg.sample_grid, sub)
+                x_k = flow_map_chain(student, eps[idx], k, self.cfg.sample_grid, sub)
                 out = out.index_put((idx,), x_k)
         return out
 
@@ -393,7 +409,7 @@ class FreeFlow(Distiller):
         r = rng.times(self.r_sampler, b).to(eps.device, eps.dtype)
         n = rng.randn(b, *eps.shape[1:]).to(eps.device, eps.dtype)
         x_r = renoise(x_hat, r, n)
-        v = self.fake(x_r, r, cond=cond)
+        v = self.net("fake")(x_r, r, cond=cond)
         loss = (v - fake_velocity_target(x_hat, n)).pow(2).mean()
         return {"loss": loss}
 

@@ -185,13 +185,9 @@ class _CouplingDistiller(Distiller):
             self._source = CouplingSource(store)
         return self._source
 
-    def prior_batch(self, rng: StepRNG, local_batch: int, sample_shape: tuple[int, ...]) -> dict[str, Tensor]:
-        """A batch of coupled pairs ``{"x", "noise"[, "cond"]}`` (not prior noise)."""
-        src = self.coupling_source()
-        if tuple(src.sample_shape) != tuple(sample_shape):
-            raise ConfigError(f"couplings in {self.cfg.couplings} have sample shape "
-                              f"{list(src.sample_shape)}, but data {list(sample_shape)}")
-        return src.batch(rng, local_batch)
+    def batch_source(self) -> CouplingSource:
+        """Batches of coupled pairs ``{"x", "noise"[, "cond"]}`` from the store (not prior noise)."""
+        return self.coupling_source()
 
     def perceptual_net(self, device) -> nn.Module:
         """The frozen perceptual net (built on first use, on ``device``)."""
@@ -227,7 +223,7 @@ class Reflow(_CouplingDistiller):
         x, eps, cond = batch["x"], batch["noise"], batch.get("cond")
         t = rng.times(self.time_sampler, x.shape[0]).to(x.dtype)
         x_t, target = self.path.sample_and_target(x, eps, t)
-        v = self.student(x_t, t, cond=cond)
+        v = self.net("student")(x_t, t, cond=cond)
         per = self._premetric(self.cfg.loss, v, target, x_t=x_t, t=t)
         return {"loss": per.mean(), "mse": (v.detach() - target).pow(2).mean()}
 
@@ -255,7 +251,7 @@ class InstaFlow(_CouplingDistiller):
         j = rng.randint(k, b).to(x.device)
         t = ((j + 1).to(x.dtype) / k)  # grid times 1/k … 1
         x_t, target = self.path.sample_and_target(x, eps, t)
-        v = self.student(x_t, t, cond=cond)
+        v = self.net("student")(x_t, t, cond=cond)
         x_hat = kernels.euler_step(x_t, v, -t)
         name = self.cfg.finetune_loss if 0 < self.cfg.finetune_after <= step else self.cfg.loss
         if name == "lpips_huber":

@@ -80,6 +80,16 @@ def save_checkpoint(
     return final
 
 
+def clean_temporaries(ckpt_root: Path) -> list[Path]:
+    """Remove ``.tmp-*`` directories a killed checkpoint write left behind; returns what was removed."""
+    if not ckpt_root.is_dir():
+        return []
+    gone = [p for p in ckpt_root.iterdir() if p.name.startswith(".tmp-")]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return gone
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoint directories, oldest first (temporary ones are ignored)."""
     if not ckpt_root.is_dir():

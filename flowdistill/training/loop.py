@@ -1,33 +1,42 @@
 """The one training loop (accelerate): any distiller, one CPU up to many processes.
 
-Per step, for each of the distiller's parameter groups that is due, the loop draws the batch
-(from the data source, or from the prior for data-free distillers), asks the distiller for its
-losses, back-propagates, averages gradients across processes, clips, and steps that group's
-optimiser. All randomness comes from :class:`~flowdistill.core.rng.StepRNG`, keyed by
-``(seed, step, group, repeat)``, so a resumed run and a multi-process run reproduce a one-process
-uninterrupted run. Gradients are averaged by an explicit flat all-reduce (DDP-equivalent), which
-lets distillers run JVPs and several models without DDP wrappers (DESIGN.md §1).
+Per step, for each of the distiller's parameter groups that is due, the loop takes the batch
+(from a DataLoader over the data source, or from the prior for data-free distillers), asks the
+distiller for its losses, back-propagates through the engine (``accelerator.backward``: DDP
+averages the gradients, FSDP reduce-scatters them, fp16 scales the loss), clips with
+``accelerator.clip_grad_norm_`` and steps that group's optimiser. ``train.grad_accum`` splits
+each step's batch into micro-batches (gradient sync only on the last). All randomness is keyed by
+``(seed, step, group, repeat, virtual rank)`` (:class:`~flowdistill.core.rng.StepRNG`,
+:mod:`flowdistill.data.loader`), so a resumed run, a multi-process run and an accumulated run
+reproduce a one-process uninterrupted run with the same global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
 from flowdistill.core.rng import StepRNG
+from flowdistill.data.loader import BatchKey, make_loader, virtual_rank
 from flowdistill.errors import ConfigError, TrainingDiverged
-from flowdistill.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowdistill.training import engine
+from flowdistill.training.checkpoint import (
+    clean_temporaries,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from flowdistill.training.ema import EMA
 from flowdistill.training.metrics_log import MetricsLog
+from flowdistill.training.trackers import Trackers
 
 
 @dataclass
@@ -35,31 +44,37 @@ class TrainConfig:
     """Options of the training loop (shared by every distiller)."""
 
     steps: int = 2000
-    batch_size: int = 512
+    batch_size: int = 512  # global batch of one micro-step (all processes together)
+    grad_accum: int = 1  # micro-steps per optimiser step: effective batch = batch_size · grad_accum
     lr: float = 1e-3
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    mixed_precision: str = "no"  # no | bf16
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 scales the loss)
+    distributed: str = "auto"  # auto | ddp | fsdp (how several processes share the nets)
+    num_workers: int = 0  # DataLoader workers for data-based methods
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     plot_every: int = 0
+    trackers: str = "auto"  # auto (tensorboard when installed) | none | tensorboard | wandb | comma list
     cpu: bool = False
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
-        if self.steps <= 0:
-            raise ConfigError(f"train.steps must be positive, got {self.steps}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"train.batch_size must be positive, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ConfigError(f"train.mixed_precision must be 'no' or 'bf16' (fp16 needs loss scaling), "
+        for key in ("steps", "batch_size", "grad_accum", "lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if self.mixed_precision not in engine.PRECISIONS:
+            raise ConfigError(f"train.mixed_precision must be one of {', '.join(engine.PRECISIONS)}, "
                               f"got {self.mixed_precision!r}")
+        if self.distributed not in engine.DISTRIBUTED:
+            raise ConfigError(f"train.distributed must be one of {', '.join(engine.DISTRIBUTED)}, "
+                              f"got {self.distributed!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -80,35 +95,65 @@ class Trainer:
     """Drives a :class:`~flowdistill.distillers.base.Distiller` for ``cfg.steps`` steps."""
 
     def __init__(self, distiller: nn.Module, cfg: TrainConfig, run_dir: str | Path, source=None,
-                 sample_shape: tuple[int, ...] | None = None, accelerator: Accelerator | None = None,
-                 on_plot: Callable[[Trainer, int], None] | None = None):
+                 sample_shape: tuple[int, ...] | None = None, accelerator=None,
+                 on_plot: Callable[[Trainer, int], None] | None = None, tracker_config: dict | None = None):
         cfg.validate()
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.acc = accelerator or Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+        self.trackers = Trackers(cfg.trackers, self.run_dir)
+        self.acc = accelerator or engine.build_accelerator(
+            cfg.cpu, cfg.mixed_precision, cfg.distributed, log_with=self.trackers.log_with,
+            project_dir=str(self.run_dir))
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if cfg.batch_size % self.world:
             raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
         self.distiller = distiller.to(self.acc.device)
-        if distiller.needs_data and source is None:
+        own = distiller.batch_source()
+        if own is None and distiller.needs_data and source is None:
             raise ConfigError(f"distiller {distiller.name!r} needs a dataset")
-        # Data-free distillers never receive a data source.
-        self.source = source if distiller.needs_data else None
+        # Data-free distillers never receive the job's dataset.
+        self.source = own if own is not None else (source if distiller.needs_data else None)
         if sample_shape is None:
-            sample_shape = tuple(source.sample_shape) if source is not None else None
+            sample_shape = tuple(self.source.sample_shape) if self.source is not None else None
         if sample_shape is None:
             raise ConfigError("sample_shape is needed for a data-free distiller")
-        self.sample_shape = sample_shape
-        self.groups = distiller.optim_groups(cfg.lr)
-        self.optims = {
-            g.name: torch.optim.AdamW(g.params, lr=g.lr, betas=g.betas, weight_decay=g.weight_decay)
-            for g in self.groups
-        }
+        if self.source is not None and tuple(self.source.sample_shape) != tuple(sample_shape):
+            raise ConfigError(f"the data source has sample shape {list(self.source.sample_shape)}, "
+                              f"but the job's data {list(sample_shape)}")
+        self.sample_shape = tuple(sample_shape)
+        self.is_main = self.acc.is_main_process
+        # EMA of the full (unsharded) student, taken before any sharding
         self.ema = EMA(distiller.student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.groups = distiller.optim_groups(cfg.lr)
+        nets = distiller.trainable_nets()
+        self._check_groups(nets)
+
+        def make_optims():  # after any sharding: FSDP2 replaces the parameters, so ask again
+            self.groups = distiller.optim_groups(cfg.lr)
+            return {g.name: torch.optim.AdamW(g.params, lr=g.lr, betas=g.betas, weight_decay=g.weight_decay)
+                    for g in self.groups}
+
+        self.engine = engine.prepare_nets(self.acc, cfg.distributed, nets, make_optims)
+        distiller.attach_engine(self.engine.nets)
+        self.optims = self.engine.optims
+        self._group_nets = {g.name: [n for n in nets if self._owns(nets[n], g.params)] for g in self.groups}
         self.step = 0
         self.on_plot = on_plot
-        self.is_main = self.acc.is_main_process
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
+        self._tracker_config = tracker_config or {}
+        self._batches: Iterator | None = None
+
+    @staticmethod
+    def _owns(net: nn.Module, params: list[nn.Parameter]) -> bool:
+        mine = {id(p) for p in net.parameters()}
+        return any(id(p) in mine for p in params)
+
+    def _check_groups(self, nets: dict[str, nn.Module]) -> None:
+        known = {id(p) for n in nets.values() for p in n.parameters()}
+        for g in self.groups:
+            if any(id(p) not in known for p in g.params):
+                raise ConfigError(f"optimiser group {g.name!r} holds parameters outside the distiller's "
+                                  f"trainable_nets() ({', '.join(nets)})")
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -116,57 +161,115 @@ class Trainer:
         """``run_dir/checkpoints``."""
         return self.run_dir / "checkpoints"
 
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        if not self.engine.sharded:
+            return self.distiller.trainable_state_dict()
+        out = {}
+        for name, net in self.engine.nets.items():
+            out.update({f"{name}.{k}": v for k, v in engine.gather_net_state(net, True).items()})
+        return out
+
+    def _optim_states(self) -> dict[str, dict]:
+        out = {}
+        for g in self.groups:
+            nets = self._group_nets[g.name]
+            net = self.engine.nets[nets[0]] if nets else None
+            out[g.name] = engine.gather_optim_state(net, self.optims[g.name], self.engine.sharded)
+        return out
+
     def save(self) -> None:
-        """Write an atomic checkpoint of the current step (main process only)."""
+        """Write an atomic checkpoint of the current step (gathered by every rank, written by rank 0)."""
+        model, optim = self._model_state(), self._optim_states()
         if self.is_main:
-            save_checkpoint(
-                self.ckpt_root, self.step, self.distiller.trainable_state_dict(),
-                {k: o.state_dict() for k, o in self.optims.items()},
-                self.ema.state_dict() if self.ema is not None else None,
-                keep=self.cfg.keep_checkpoints,
-            )
-        if self.world > 1:
-            dist.barrier()
+            save_checkpoint(self.ckpt_root, self.step, model, optim,
+                            self.ema.state_dict() if self.ema is not None else None,
+                            extra={"world": self.world, "batch_size": self.cfg.batch_size,
+                                   "grad_accum": self.cfg.grad_accum},
+                            keep=self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
 
     def resume(self, path: Path | None = None) -> int:
-        """Load the newest complete checkpoint (or ``path``); returns its step (0 if none)."""
+        """Load the newest complete checkpoint (or ``path``); returns its step (0 if none).
+
+        Temporary directories of a killed checkpoint write are removed, and ``metrics.jsonl`` is
+        cut back to the step it restarts from (step 0 when no complete checkpoint exists).
+        """
         path = path or latest_checkpoint(self.ckpt_root)
         if path is None:
+            self._clean()
+            self.step = 0
+            self.log.truncate_after(0)
+            self._batches = None
             return 0
-        ck = load_checkpoint(path, map_location=self.acc.device)
-        self.distiller.load_trainable_state_dict(ck["model"])
-        for name, opt in self.optims.items():
-            if name in ck["optim"]:
-                opt.load_state_dict(ck["optim"][name])
+        ck = load_checkpoint(path, map_location="cpu")
+        if self.engine.sharded:
+            for name, net in self.engine.nets.items():
+                pre = f"{name}."
+                engine.load_net_state(net, {k[len(pre):]: v for k, v in ck["model"].items()
+                                            if k.startswith(pre)}, True)
+        else:
+            dev = self.acc.device
+            self.distiller.load_trainable_state_dict({k: v.to(dev) for k, v in ck["model"].items()})
+        for g in self.groups:
+            if g.name in ck["optim"]:
+                nets = self._group_nets[g.name]
+                net = self.engine.nets[nets[0]] if nets else None
+                engine.load_optim_state(net, self.optims[g.name], ck["optim"][g.name], self.engine.sharded)
         if self.ema is not None and ck["ema"] is not None:
-            self.ema.load_state_dict(ck["ema"])
+            self.ema.load_state_dict({k: v.to(self.acc.device) for k, v in ck["ema"].items()})
         self.step = ck["step"]
+        self._clean()
         self.log.truncate_after(self.step)
+        self._batches = None
         return self.step
 
-    # -- one step ----------------------------------------------------------------------
-    def _sync_grads(self, params: list[nn.Parameter]) -> None:
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        off = 0
-        for p, g in zip(params, grads, strict=True):
-            n = g.numel()
-            p.grad = flat[off:off + n].view_as(p).clone()
-            off += n
+    def _clean(self) -> None:
+        """Remove a killed write's temporary checkpoint directories (rank 0), once the resume point
+        is known to load (a failed resume changes nothing)."""
+        if self.is_main:
+            clean_temporaries(self.ckpt_root)
+        self.acc.wait_for_everyone()
 
-    def _batch(self, rng: StepRNG) -> dict:
+    # -- batches -----------------------------------------------------------------------
+    def _keys(self, start: int) -> Iterator[BatchKey]:
+        """Every data batch the loop will take from step ``start`` on, in the order it takes them."""
+        a = self.cfg.grad_accum
+        for step in range(start, self.cfg.steps):
+            for gi, g in enumerate(self.groups):
+                if step % g.every:
+                    continue
+                for r in range(g.repeats):
+                    for j in range(a):
+                        vr, vw = virtual_rank(self.rank, self.world, j, a)
+                        yield BatchKey(step, gi * 64 + r, vr, vw, self.local_batch)
+
+    def _next_data(self, key: BatchKey) -> dict[str, torch.Tensor]:
+        if self._batches is None:
+            loader = make_loader(self.source, self._keys(self.step), self.cfg.seed, self.cfg.num_workers)
+            self._batches = iter(zip(self._keys(self.step), loader, strict=False))
+        want, batch = next(self._batches)
+        if want != key:  # the loop and its key list disagree: a bug, never silently wrong data
+            raise RuntimeError(f"data loader out of step: expected {key}, loader served {want}")
+        return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+
+    def _batch(self, rng: StepRNG, key: BatchKey) -> dict:
         if self.source is not None:
-            return self.source.batch(rng, self.local_batch)
+            return self._next_data(key)
         return self.distiller.prior_batch(rng, self.local_batch, self.sample_shape)
+
+    # -- one step ----------------------------------------------------------------------
+    def _no_sync(self, group: str, last: bool):
+        stack = contextlib.ExitStack()
+        if not last:
+            for n in self._group_nets[group]:
+                stack.enter_context(self.acc.no_sync(self.engine.nets[n]))
+        return stack
 
     def train_step(self) -> dict[str, float]:
         """One training step over every due parameter group."""
         logs: dict[str, float] = {}
         factor = lr_factor(self.step, self.cfg)
+        a = self.cfg.grad_accum
         self.distiller.train()
         for gi, g in enumerate(self.groups):
             if self.step % g.every:
@@ -175,30 +278,35 @@ class Trainer:
             for pg in opt.param_groups:
                 pg["lr"] = g.lr * factor
             for r in range(g.repeats):
-                rng = StepRNG(self.cfg.seed, self.step, self.rank, self.world, self.acc.device,
-                              tag=gi * 64 + r)
-                batch = self._batch(rng)
                 opt.zero_grad(set_to_none=True)
-                with self.acc.autocast():
-                    out = self.distiller.loss(batch, self.step, g.name, rng)
-                loss = out["loss"]
-                if not torch.isfinite(loss).all():
-                    raise TrainingDiverged(
-                        f"non-finite loss ({loss.item()}) in group {g.name!r} at step {self.step}; "
-                        f"training stopped, last good checkpoint kept in {self.ckpt_root}")
-                if not loss.requires_grad:
-                    # nothing of this group is active at this step (e.g. a loss switched on later):
-                    # no update, the same decision on every rank since it depends on the step only
-                    continue
-                loss.backward()
-                self._sync_grads(g.params)
-                if self.cfg.grad_clip > 0:
-                    gn = torch.nn.utils.clip_grad_norm_(g.params, self.cfg.grad_clip)
-                    logs[f"{g.name}/grad_norm"] = float(gn)
-                opt.step()
-            for k, v in out.items():
-                key = k if len(self.groups) == 1 else f"{g.name}/{k}"
-                logs[key] = float(v.detach())
+                active = False
+                sums: dict[str, float] = {}
+                for j in range(a):
+                    vr, vw = virtual_rank(self.rank, self.world, j, a)
+                    rng = StepRNG(self.cfg.seed, self.step, vr, vw, self.acc.device, tag=gi * 64 + r)
+                    batch = self._batch(rng, BatchKey(self.step, gi * 64 + r, vr, vw, self.local_batch))
+                    with self._no_sync(g.name, last=j == a - 1), self.acc.autocast():
+                        out = self.distiller.loss(batch, self.step, g.name, rng)
+                        loss = out["loss"]
+                        if not torch.isfinite(loss).all():
+                            raise TrainingDiverged(
+                                f"non-finite loss ({loss.item()}) in group {g.name!r} at step {self.step}; "
+                                f"training stopped, last good checkpoint kept in {self.ckpt_root}")
+                        if loss.requires_grad:
+                            # nothing of this group may be active at this step (a loss switched on
+                            # later): then no update, the same decision on every rank
+                            self.acc.backward(loss / a)
+                            active = True
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / a
+                if active:
+                    params = [p for pg in opt.param_groups for p in pg["params"]]
+                    if self.cfg.grad_clip > 0:
+                        gn = self.acc.clip_grad_norm_(params, self.cfg.grad_clip)
+                        logs[f"{g.name}/grad_norm"] = float(engine.full_tensor(gn))
+                    opt.step()
+            for k, v in sums.items():
+                logs[k if len(self.groups) == 1 else f"{g.name}/{k}"] = v
         if self.ema is not None:
             self.ema.update(self.distiller.student)
         self.step += 1
@@ -209,32 +317,47 @@ class Trainer:
             return logs
         keys = sorted(logs)
         t = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.acc.device)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+        t = self.acc.reduce(t, reduction="mean")
+        return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
     def fit(self) -> Trainer:
         """Train until ``cfg.steps``, logging, plotting and checkpointing on schedule."""
         cfg = self.cfg
+        self.trackers.start(self.acc, self._tracker_config)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, desc="train",
                    dynamic_ncols=True)
         t0 = time.time()
-        while self.step < cfg.steps:
-            logs = self.train_step()
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                logs = self._reduce_logs(logs)
-                rec = {"step": self.step, "lr": self.groups[0].lr * lr_factor(self.step - 1, cfg),
-                       "elapsed_s": round(time.time() - t0, 3), **logs}
-                self.log.write(rec)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "grad" not in k})
-            if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
-                self.save()
-            if self.on_plot is not None and cfg.plot_every and self.step % cfg.plot_every == 0 \
-                    and self.is_main:
-                self.on_plot(self, self.step)
-        bar.close()
+        try:
+            while self.step < cfg.steps:
+                logs = self.train_step()
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logs = self._reduce_logs(logs)
+                    rec = {"step": self.step, "lr": self.groups[0].lr * lr_factor(self.step - 1, cfg),
+                           "elapsed_s": round(time.time() - t0, 3), **logs}
+                    self.log.write(rec)
+                    self.trackers.log(self.acc, rec, self.step)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "grad" not in k})
+                if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
+                    self.save()
+                if self.on_plot is not None and cfg.plot_every and self.step % cfg.plot_every == 0 \
+                        and self.is_main:
+                    image = self.on_plot(self, self.step)
+                    if image is not None:
+                        self.trackers.log_image(self.acc, "samples", image, self.step)
+        finally:
+            bar.close()  # an error's line then starts on its own line, not after the bar
+            self.trackers.end(self.acc)
         return self
 
     def eval_student(self) -> nn.Module:
-        """The student to sample and export: the EMA copy when EMA is on."""
-        return self.ema.module if self.ema is not None else self.distiller.student
+        """The student to sample and export: the EMA copy when EMA is on (else the full student,
+        gathered from its shards under FSDP — a collective: call it on every rank)."""
+        if self.ema is not None:
+            return self.ema.module
+        if not self.engine.sharded:
+            return self.distiller.student
+        state = engine.gather_net_state(self.engine.nets["student"], True)
+        if not self.is_main:
+            return self.distiller.student
+        return engine.unsharded_copy(self.distiller.student, state)
