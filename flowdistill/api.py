@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,31 @@ def _model_dir(path: Path) -> Path:
 
 
 # -- training -----------------------------------------------------------------------------
+def progress_plot(trainer: Trainer, step: int, eval_spec=None) -> Path:
+    """The default ``train.plot_every`` plot: the current (EMA) student's samples at the first
+    eval NFEs from fixed noise, written to ``run_dir/plots/step-NNNNNNN.png`` (and logged to the
+    trackers as an image by the loop). Scatter plots for 2-D data, image grids otherwise."""
+    from flowdistill.eval.plots import image_grid, scatter_grid
+
+    cfg_eval = eval_spec if eval_spec is not None else JobConfig().eval
+    student = trainer.eval_student()
+    was_training = student.training
+    student.eval()
+    g = torch.Generator().manual_seed(cfg_eval.seed)
+    n = min(cfg_eval.n_samples, 2000 if len(trainer.sample_shape) == 1 else 16)
+    noise = torch.randn(n, *trainer.sample_shape, generator=g).to(trainer.acc.device)
+    panels = {}
+    with torch.no_grad():
+        for nfe in list(cfg_eval.nfe)[:3]:
+            panels[f"NFE {nfe}"] = trainer.distiller.sample(noise, nfe, model=student).cpu()
+    student.train(was_training)
+    path = trainer.run_dir / "plots" / f"step-{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if len(trainer.sample_shape) == 1:
+        return scatter_grid(panels, path, title=f"step {step}")
+    return image_grid(torch.cat(list(panels.values())), path, nrow=n)
+
+
 def train(cfg: JobConfig, resume: bool = False, overwrite: bool = False,
           on_plot: Callable | None = None) -> Path:
     """Run a training job (teacher or distillation) and export the student; returns the run dir.
@@ -168,7 +194,8 @@ def train(cfg: JobConfig, resume: bool = False, overwrite: bool = False,
     source = build_source(cfg.data) if cls.needs_data else None
     distiller = build_distiller_for(cfg, source)
     trainer = Trainer(distiller, cfg.train, run_dir, source=source,
-                      sample_shape=sample_shape_of(cfg.data), on_plot=on_plot,
+                      sample_shape=sample_shape_of(cfg.data),
+                      on_plot=on_plot if on_plot is not None else partial(progress_plot, eval_spec=cfg.eval),
                       tracker_config=OmegaConf.to_container(OmegaConf.structured(cfg)))
     if resume:
         trainer.resume()  # CheckpointError on a corrupt newest checkpoint, before anything is written

@@ -341,7 +341,8 @@ class Trainer:
                 if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
                     self.save()
                 if self.on_plot is not None and cfg.plot_every and self.step % cfg.plot_every == 0 \
-                        and self.is_main:
+                        and self.is_main and (self.ema is not None or not self.engine.sharded):
+                    # (a sharded student without EMA is gathered only at the end: a collective)
                     image = self.on_plot(self, self.step)
                     if image is not None:
                         self.trackers.log_image(self.acc, "samples", image, self.step)
