@@ -41,7 +41,15 @@ def _run(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedPr
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), "tests/dist_train_worker.py", *args]
-    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, errs = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # kill the workers too, not only torchrun
+        os.killpg(p.pid, signal.SIGKILL)
+        out, errs = p.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{errs[-3000:]}") from None
+    r = subprocess.CompletedProcess(cmd, p.returncode, out, errs)
     err = "\n".join(line for line in r.stderr.splitlines() if "it/s" not in line and "s/it" not in line)
     assert r.returncode == 0, err[-4000:]
     return r
