@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["model.name=mlp", "model.params.hidden=64", "model.params.depth=2", "data.name=checkerboard",
         "train.batch_size=256", "train.log_every=5", "train.ema_decay=0.99", "train.lr_schedule=cosine",
-        "train.steps=300", "train.ckpt_every=1", "train.keep_checkpoints=2", "train.cpu=true",
+        "train.steps=800", "train.ckpt_every=1", "train.keep_checkpoints=2", "train.cpu=true",
         "train.trackers=none"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -53,9 +52,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from tests.helpers import student_weights
-
     from flowdistill.training.checkpoint import list_checkpoints
+    from tests.helpers import kill_tree, student_weights
 
     rnd = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -65,16 +63,19 @@ def main() -> None:
     for k in range(args.kills):
         p = subprocess.Popen(_cmd(args.nproc, run, k > 0 and run.exists()), env=ENV, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        before = len(list_checkpoints(run / "checkpoints"))
+        def newest() -> int:
+            cks = list_checkpoints(run / "checkpoints")
+            return int(cks[-1].name.split("-")[1]) if cks else -1
+
+        before = newest()
         t0 = time.time()
-        while time.time() - t0 < 120 and len(list_checkpoints(run / "checkpoints")) <= max(before, 0) \
-                and p.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rnd.uniform(0.0, 0.6))
+        while time.time() - t0 < 120 and newest() <= before and p.poll() is None:
+            time.sleep(0.01)  # until this round has written a checkpoint of its own
+        time.sleep(rnd.uniform(0.0, 1.0))
         if p.poll() is not None:
             print(f"kill {k}: run had already ended (rc {p.returncode})")
             break
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_tree(p.pid)  # torchrun and its workers (they run in sessions of their own)
         p.wait()
         tmp = [q.name for q in (run / "checkpoints").iterdir() if q.name.startswith(".tmp-")] \
             if (run / "checkpoints").is_dir() else []
@@ -85,7 +86,7 @@ def main() -> None:
     a, b = student_weights(ref), student_weights(run)
     worst = max((a[key] - b[key]).abs().max().item() for key in a)
     left = [q.name for q in (run / "checkpoints").iterdir() if q.name.startswith(".tmp-")]
-    print(f"| processes | kills | kills during a checkpoint write | max |w - w_ref| | temp dirs left |")
+    print("| processes | kills | kills during a checkpoint write | max |w - w_ref| | temp dirs left |")
     print(f"| {args.nproc} | {args.kills} | {during_write} | {worst:.2e} | {len(left)} |")
 
 

@@ -54,3 +54,21 @@ def main_in_process(capsys, *args: str) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant at once (torchrun starts its workers in sessions of
+    their own, so killing torchrun's process group would leave them running)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)

@@ -17,7 +17,6 @@ of the order of the movement itself, which the negative control (another seed) s
 """
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 from flowdistill.api import train
 from flowdistill.config import load_config
 from flowdistill.training.checkpoint import list_checkpoints
-from tests.helpers import REPO, TINY_TEACHER, free_port, student_weights
+from tests.helpers import REPO, TINY_TEACHER, free_port, kill_tree, student_weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
 RATIO = 1e-2  # allowed 1-vs-N difference as a fraction of the weights' movement (module doc)
@@ -46,7 +45,7 @@ def _run(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedPr
     try:
         out, errs = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # kill the workers too, not only torchrun
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_tree(p.pid)
         out, errs = p.communicate()
         raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{errs[-3000:]}") from None
     r = subprocess.CompletedProcess(cmd, p.returncode, out, errs)
@@ -151,7 +150,7 @@ def test_ddp_run_killed_mid_way_resumes_to_the_same_weights(tmp_path):
     while time.time() < deadline and len(list_checkpoints(killed / "checkpoints")) < 2:
         time.sleep(0.02)
     time.sleep(0.15)
-    os.killpg(p.pid, signal.SIGKILL)
+    kill_tree(p.pid)  # torchrun and both workers
     p.wait()
     assert list_checkpoints(killed / "checkpoints"), "no checkpoint was written before the kill"
     assert not (killed / "student").exists(), "the run finished before it was killed"
