@@ -136,7 +136,7 @@ def test_two_process_fsdp_matches_one(tmp_path):
 
 
 def test_ddp_run_killed_mid_way_resumes_to_the_same_weights(tmp_path):
-    """SIGKILL the whole torchrun process group while it trains (and checkpoints every 5 steps),
+    """SIGKILL torchrun and its workers while the run trains (and checkpoints every 5 steps),
     resume under DDP, and compare with an uninterrupted one-process run."""
     args = [*TINY_TEACHER, "train.steps=400", "train.ckpt_every=5", "train.keep_checkpoints=2",
             "train.cpu=true", "train.trackers=none"]
