@@ -99,6 +99,10 @@ class Distiller(nn.Module):
         cls.__init__(obj, cfg, student, None)
         return obj
 
+    def after_step(self, step: int, group: str) -> None:
+        """Called after each optimiser step of ``group`` at ``step`` (and each of its repeats):
+        target-network updates and other post-optimiser work. Default: nothing."""
+
     # -- engine ------------------------------------------------------------------------
     def trainable_nets(self) -> dict[str, nn.Module]:
         """The nets the optimiser trains, by attribute name (default: the student alone).

@@ -305,6 +305,7 @@ class Trainer:
                         gn = self.acc.clip_grad_norm_(params, self.cfg.grad_clip)
                         logs[f"{g.name}/grad_norm"] = float(engine.full_tensor(gn))
                     opt.step()
+                    self.distiller.after_step(self.step, g.name)
             for k, v in sums.items():
                 logs[k if len(self.groups) == 1 else f"{g.name}/{k}"] = v
         if self.ema is not None:
