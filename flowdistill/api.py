@@ -223,14 +223,18 @@ class LoadedRun:
 
     @torch.no_grad()
     def sample(self, n: int, nfe: int, seed: int = 0, cond: torch.Tensor | None = None,
-               solver: str | None = None, device: str = "cpu") -> torch.Tensor:
-        """``n`` samples at ``nfe`` evaluations from seeded noise."""
+               solver: str | None = None, device: str = "cpu", **options: Any) -> torch.Tensor:
+        """``n`` samples at ``nfe`` evaluations from seeded noise.
+
+        ``solver`` and ``options`` go to the distiller's sampler (``None`` = its default); an
+        option the method does not take is a :class:`~flowdistill.errors.ConfigError` naming
+        those it does (:attr:`Distiller.sample_options`)."""
         if n <= 0 or nfe <= 0:
             raise ConfigError(f"n and nfe must be positive, got n={n}, nfe={nfe}")
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(n, *sample_shape_of(self.cfg.data), generator=g).to(device)
-        kw = {"solver": solver} if solver else {}
-        return self.distiller.sample(noise, nfe, cond=cond, model=self.student.to(device), **kw)
+        return self.distiller.sample(noise, nfe, cond=cond, model=self.student.to(device), solver=solver,
+                                     **options)
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -246,6 +250,5 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise CheckpointError(f"{run_dir} has no exported student (training unfinished?)")
     student = load_model_dir(student_dir)
     read_meta(student_dir)
-    cls = DISTILLERS.get(cfg.distiller.name)
-    distiller = cls.for_inference(cfg.distiller, student)
+    distiller = DISTILLERS.get(cfg.distiller.name).for_inference(cfg.distiller, student)  # no teacher
     return LoadedRun(cfg, student, distiller, run_dir)

@@ -47,6 +47,45 @@ class OptimGroup:
     every: int = 1
 
 
+@dataclass(frozen=True)
+class BenchRow:
+    """One benchmark row a method declares (:attr:`Distiller.bench_rows`).
+
+    ``label`` names the row in tables; ``overrides`` are ``key=value`` config overrides applied on
+    top of the method's config (e.g. ``"distiller.mode=prediction"`` for an ablation); ``nfe`` are
+    the evaluation counts (``()``: the method's :attr:`Distiller.eval_nfe`).
+    """
+
+    label: str
+    overrides: tuple[str, ...] = ()
+    nfe: tuple[int, ...] = ()
+
+    def nfes(self, cls: type[Distiller]) -> tuple[int, ...]:
+        """The row's NFEs, falling back to ``cls.eval_nfe``."""
+        return self.nfe or tuple(cls.eval_nfe)
+
+
+def no_update(out: dict[str, Tensor] | None = None,
+              device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """The "nothing to optimise this step" loss dict: ``out`` (logged values) with ``"loss"`` a zero
+    scalar that carries no gradient.
+
+    The loop backpropagates a group's ``"loss"`` only when it ``requires_grad``; when no
+    micro-batch of a group does, the group's optimiser does not step (and :meth:`Distiller.after_step`
+    is not called). Return this, not a bare zeros tensor, so the intent is explicit.
+    """
+    out = dict(out or {})
+    if device is None:
+        device = next((v.device for v in out.values() if isinstance(v, Tensor)), "cpu")
+    out["loss"] = torch.zeros((), device=device)
+    return out
+
+
+def is_no_update(out: dict[str, Tensor]) -> bool:
+    """Whether a loss dict says "nothing to optimise" (its ``"loss"`` carries no gradient)."""
+    return not out["loss"].requires_grad
+
+
 @dataclass
 class DistillerConfig:
     """Fields shared by every distiller config (subclasses add their own)."""
@@ -58,22 +97,64 @@ class DistillerConfig:
 
 
 class Distiller(nn.Module):
-    """Base class. Subclasses set ``Config``, ``needs_data`` and implement the three methods."""
+    """Base class of every method (DESIGN.md §3).
 
+    A subclass sets the class attributes below, implements :meth:`loss` and :meth:`_sample`, and
+    may override :meth:`optim_groups`, :meth:`after_step`, :meth:`trainable_nets`,
+    :meth:`batch_source` and :meth:`prior_batch`. Its ``__init__`` takes
+    ``(cfg, student, teacher=None, *, inference_only=False)`` and passes all four on.
+    """
+
+    #: Registry name (set by :func:`register_distiller`).
     name: ClassVar[str] = "base"
+    #: The config dataclass (a :class:`DistillerConfig` subclass) of ``distiller:``.
     Config: ClassVar[type] = DistillerConfig
+    #: Whether training batches come from the job's dataset (``False``: prior noise, or the
+    #: method's own :meth:`batch_source`).
     needs_data: ClassVar[bool] = True
+    #: Whether training needs a frozen teacher (``teacher=PATH``); sampling never does.
     needs_teacher: ClassVar[bool] = True
+    #: Whether the student is a two-time net ``u(x, t, s)`` (a flow map) rather than a velocity field.
+    student_two_time: ClassVar[bool] = False
+    #: The keyword options :meth:`sample` takes, ``{name: one-line help}``; any other is an error.
+    sample_options: ClassVar[dict[str, str]] = {}
+    #: The NFEs at which the method's student is evaluated and benchmarked by default.
+    eval_nfe: ClassVar[tuple[int, ...]] = (1, 2, 4)
+    #: The rows a benchmark reports for the method (label, config overrides, NFEs).
+    bench_rows: ClassVar[tuple[BenchRow, ...]] = ()
 
-    def __init__(self, cfg: Any, student: nn.Module, teacher: nn.Module | None = None):
+    def __init__(self, cfg: Any, student: nn.Module, teacher: nn.Module | None = None, *,
+                 inference_only: bool = False):
+        """``inference_only=True`` (see :meth:`for_inference`) builds a distiller that samples but
+        does not train: no teacher is required, and :meth:`loss` refuses to run without one."""
         super().__init__()
         self.cfg = cfg
         self.student = student
-        if self.needs_teacher and teacher is None and not getattr(self, "_inference_only", False):
+        self.inference_only = bool(inference_only)
+        if self.needs_teacher and teacher is None and not self.inference_only:
             raise ValueError(f"distiller {self.name!r} needs a teacher")
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False).eval()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        """Wrap each subclass's :meth:`loss` so an inference-only distiller refuses to train."""
+        super().__init_subclass__(**kw)
+        fn = cls.__dict__.get("loss")
+        if fn is not None and not getattr(fn, "_checks_inference", False):
+
+            def loss(self, *args, **kwargs):
+                self._check_trainable()
+                return fn(self, *args, **kwargs)
+
+            loss.__doc__, loss.__name__, loss.__qualname__ = fn.__doc__, fn.__name__, fn.__qualname__
+            loss._checks_inference = True  # type: ignore[attr-defined]
+            cls.loss = loss  # type: ignore[method-assign]
+
+    def _check_trainable(self) -> None:
+        if self.inference_only and self.needs_teacher and self.teacher is None:
+            raise RuntimeError(f"distiller {self.name!r} was built for inference only (no teacher); "
+                               f"it samples but cannot train — build it with a teacher")
 
     # -- the contract ------------------------------------------------------------------
     def optim_groups(self, lr: float) -> list[OptimGroup]:
@@ -81,23 +162,47 @@ class Distiller(nn.Module):
         return [OptimGroup("student", [p for p in self.student.parameters() if p.requires_grad], lr)]
 
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
-        """Named scalar losses for ``group``; ``"loss"`` is minimised."""
+        """Named scalar losses for ``group``; ``"loss"`` is minimised. Nothing to optimise at this
+        step: return :func:`no_update` (a ``"loss"`` without gradient), and the group does not step."""
         raise NotImplementedError
 
+    no_update = staticmethod(no_update)
+
+    def check_sample_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` less those set to ``None`` (the method's default); one the method does not
+        take (:attr:`sample_options`) is a :class:`~flowdistill.errors.ConfigError` naming those
+        it does."""
+        from flowdistill.errors import ConfigError
+
+        given = {k: v for k, v in options.items() if v is not None}
+        for key in given:
+            if key not in self.sample_options:
+                takes = ", ".join(sorted(self.sample_options)) or "none"
+                raise ConfigError(f"{self.name}'s sampler takes no option {key!r} (it takes: {takes})")
+        return given
+
     @torch.no_grad()
-    def sample(self, noise: Tensor, nfe: int, cond: Tensor | None = None,
-               model: nn.Module | None = None) -> Tensor:
-        """The student's own few-step sampler from ``noise`` at ``t = 1`` (``model`` overrides
-        the student, e.g. with its EMA copy)."""
+    def sample(self, noise: Tensor, nfe: int, cond: Tensor | None = None, model: nn.Module | None = None,
+               **options: Any) -> Tensor:
+        """The student's own few-step sampler from ``noise`` at ``t = 1`` with ``nfe`` network
+        evaluations (``model`` overrides the student, e.g. with its EMA copy).
+
+        ``options`` are the method's :attr:`sample_options` (``None`` = the method's default);
+        any other is a one-line error. Subclasses implement :meth:`_sample`, not this.
+        """
+        return self._sample(noise, nfe, cond, model if model is not None else self.student,
+                            **self.check_sample_options(options))
+
+    def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module,
+                **options: Any) -> Tensor:
+        """The method's sampler: ``model`` is the net to sample, ``options`` already checked."""
         raise NotImplementedError
 
     @classmethod
     def for_inference(cls, cfg: Any, student: nn.Module) -> Distiller:
-        """A distiller that only samples: no teacher, no trainable auxiliaries needed."""
-        obj = cls.__new__(cls)
-        object.__setattr__(obj, "_inference_only", True)
-        cls.__init__(obj, cfg, student, None)
-        return obj
+        """A distiller that only samples: built through ``__init__`` with ``teacher=None,
+        inference_only=True`` (no teacher, no trainable auxiliaries); :meth:`loss` refuses."""
+        return cls(cfg, student, None, inference_only=True)
 
     def after_step(self, step: int, group: str) -> None:
         """Called after each optimiser step of ``group`` at ``step`` (and each of its repeats):

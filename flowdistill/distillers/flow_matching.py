@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from flowdistill.core.guidance import drop_condition
@@ -19,7 +18,13 @@ from flowdistill.core.paths import PATHS
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.sampling import guided, sample_velocity
 from flowdistill.core.timesteps import TimeSamplerConfig
-from flowdistill.distillers.base import Distiller, DistillerConfig, check_names, register_distiller
+from flowdistill.distillers.base import (
+    BenchRow,
+    Distiller,
+    DistillerConfig,
+    check_names,
+    register_distiller,
+)
 from flowdistill.errors import ConfigError
 
 
@@ -51,9 +56,13 @@ class FlowMatching(Distiller):
     Config = FlowMatchingConfig
     needs_data = True
     needs_teacher = False
+    sample_options = {"solver": "ODE solver (a registered name: euler, heun, ...); default sample_solver"}
+    eval_nfe = (1, 2, 4, 8, 128)
+    bench_rows = (BenchRow("teacher (Euler)", ("distiller.sample_solver=euler",)),)
 
-    def __init__(self, cfg: FlowMatchingConfig, student: nn.Module, teacher: nn.Module | None = None):
-        super().__init__(cfg, student, teacher)
+    def __init__(self, cfg: FlowMatchingConfig, student: nn.Module, teacher: nn.Module | None = None, *,
+                 inference_only: bool = False):
+        super().__init__(cfg, student, teacher, inference_only=inference_only)
         self.path = PATHS.build(cfg.path)
         self.time_sampler = cfg.time_sampler.build()
         self.premetric = premetric(cfg.loss)
@@ -74,12 +83,10 @@ class FlowMatching(Distiller):
         loss = self.premetric(v, target).mean()
         return {"loss": loss}
 
-    @torch.no_grad()
-    def sample(self, noise: Tensor, nfe: int, cond: Tensor | None = None,
-               model: nn.Module | None = None, solver: str | None = None) -> Tensor:
+    def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module,
+                solver: str | None = None) -> Tensor:
         """Solve the learned ODE from ``t = 1`` with ``nfe`` evaluations."""
-        net = model if model is not None else self.student
-        f = guided(net, self.cfg.guidance_scale if cond is not None else 1.0,
+        f = guided(model, self.cfg.guidance_scale if cond is not None else 1.0,
                    self.num_classes if self.num_classes else None)
         return sample_velocity(f, noise, nfe, solver or self.cfg.sample_solver, self.cfg.sample_grid,
                                cond=cond).x

@@ -105,6 +105,7 @@ from flowdistill.core.rng import StepRNG
 from flowdistill.core.sampling import guided
 from flowdistill.core.timesteps import TimeSamplerConfig
 from flowdistill.distillers.base import (
+    BenchRow,
     Distiller,
     DistillerConfig,
     OptimGroup,
@@ -217,9 +218,16 @@ class FreeFlow(Distiller):
     needs_data = False
     needs_teacher = True
     student_two_time = True
+    sample_options = {}  # jumps on distiller.sample_grid; no solver to choose
+    eval_nfe = (1, 2, 4)
+    bench_rows = (BenchRow("FreeFlow"),
+                  BenchRow("FreeFlow (prediction only)", ("distiller.mode=prediction",)),
+                  BenchRow("FreeFlow (correction only)", ("distiller.mode=correction",
+                                                          "distiller.correction_warmup=0")))
 
-    def __init__(self, cfg: FreeFlowConfig, student: nn.Module, teacher: nn.Module | None = None):
-        super().__init__(cfg, student, teacher)
+    def __init__(self, cfg: FreeFlowConfig, student: nn.Module, teacher: nn.Module | None = None, *,
+                 inference_only: bool = False):
+        super().__init__(cfg, student, teacher, inference_only=inference_only)
         scfg = getattr(student, "config", None)
         if scfg is not None and not getattr(scfg, "two_time", True):
             raise ConfigError("freeflow needs a two-time student u(x, t, s) (model two_time=true)")
@@ -294,6 +302,8 @@ class FreeFlow(Distiller):
             out["corr"] = l_corr.detach()
             out["corr_scale"] = kappa.detach()
             total = total + kappa.detach() * l_corr
+        if grad_pred_rms is None and "corr" not in out:  # neither loss is on at this step
+            return self.no_update(out, eps.device)
         out["loss"] = total
         return out
 
@@ -414,9 +424,6 @@ class FreeFlow(Distiller):
         return {"loss": loss}
 
     # -- sampling ----------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, noise: Tensor, nfe: int, cond: Tensor | None = None,
-               model: nn.Module | None = None) -> Tensor:
-        """``nfe`` flow-map jumps on the ``sample_grid`` from ``t = 1`` to ``0``."""
-        net = model if model is not None else self.student
-        return sample_flow_map(net, noise, nfe, grid=self.cfg.sample_grid, cond=cond)
+    def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module) -> Tensor:
+        """``nfe`` flow-map jumps on the ``sample_grid`` from ``t = 1`` to ``0`` (no options)."""
+        return sample_flow_map(model, noise, nfe, grid=self.cfg.sample_grid, cond=cond)

@@ -58,7 +58,13 @@ from flowdistill.core.sampling import guided, sample_velocity
 from flowdistill.core.timesteps import TimeSamplerConfig, build_grid
 from flowdistill.couplings.generation import CoupleSpec
 from flowdistill.data.couplings import CouplingSource, CouplingStore, state_sha256
-from flowdistill.distillers.base import Distiller, DistillerConfig, check_names, register_distiller
+from flowdistill.distillers.base import (
+    BenchRow,
+    Distiller,
+    DistillerConfig,
+    check_names,
+    register_distiller,
+)
 from flowdistill.errors import ConfigError
 from flowdistill.models.perceptual import PERCEPTUAL_NETS, build_perceptual
 
@@ -170,8 +176,9 @@ class _CouplingDistiller(Distiller):
     needs_data = False  # batches come from the coupling store, not from cfg.data
     needs_teacher = True
 
-    def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None = None):
-        super().__init__(cfg, student, teacher)
+    def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None = None, *,
+                 inference_only: bool = False):
+        super().__init__(cfg, student, teacher, inference_only=inference_only)
         self.path = PATHS.build("linear")
         self.num_classes = int(getattr(getattr(student, "config", None), "num_classes", 0) or 0)
         self._source: CouplingSource | None = None
@@ -213,9 +220,14 @@ class Reflow(_CouplingDistiller):
     """2-rectified flow: flow matching on the teacher's couplings (rfpp options)."""
 
     Config = ReflowConfig
+    sample_options = {"solver": "a registered ODE solver (euler, heun, ...) or 'noise_reuse'; "
+                                "default sample_solver"}
+    eval_nfe = (1, 2, 4, 128)
+    bench_rows = (BenchRow("2-RF"),)
 
-    def __init__(self, cfg: ReflowConfig, student: nn.Module, teacher: nn.Module | None = None):
-        super().__init__(cfg, student, teacher)
+    def __init__(self, cfg: ReflowConfig, student: nn.Module, teacher: nn.Module | None = None, *,
+                 inference_only: bool = False):
+        super().__init__(cfg, student, teacher, inference_only=inference_only)
         self.time_sampler = cfg.time_sampler.build()
 
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
@@ -227,11 +239,10 @@ class Reflow(_CouplingDistiller):
         per = self._premetric(self.cfg.loss, v, target, x_t=x_t, t=t)
         return {"loss": per.mean(), "mse": (v.detach() - target).pow(2).mean()}
 
-    @torch.no_grad()
-    def sample(self, noise: Tensor, nfe: int, cond: Tensor | None = None,
-               model: nn.Module | None = None, solver: str | None = None) -> Tensor:
+    def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module,
+                solver: str | None = None) -> Tensor:
         """``nfe`` evaluations of the configured sampler (an ODE solver or ``noise_reuse``)."""
-        f = self._field(model if model is not None else self.student, cond)
+        f = self._field(model, cond)
         solver = solver or self.cfg.sample_solver
         if solver == NOISE_REUSE:
             return sample_noise_reuse(f, noise, nfe, self.cfg.sample_grid, cond=cond)
@@ -243,6 +254,10 @@ class InstaFlow(_CouplingDistiller):
     """One-/k-step student distilled from the 2-rectified flow's couplings."""
 
     Config = InstaFlowConfig
+    sample_options = {"solver": "ODE solver on the uniform grid; default euler (what the student was "
+                                "trained for)"}
+    eval_nfe = (1,)
+    bench_rows = (BenchRow("InstaFlow (1-step)", (), (1,)),)
 
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
         """Regress the student's data estimate at a grid time onto the coupled sample."""
@@ -260,9 +275,8 @@ class InstaFlow(_CouplingDistiller):
             per = self._premetric(name, x_hat, x)
         return {"loss": per.mean(), "mse_x": (x_hat.detach() - x).pow(2).mean()}
 
-    @torch.no_grad()
-    def sample(self, noise: Tensor, nfe: int, cond: Tensor | None = None,
-               model: nn.Module | None = None, solver: str | None = None) -> Tensor:
+    def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module,
+                solver: str | None = None) -> Tensor:
         """``nfe`` Euler steps on the uniform grid (``nfe = steps`` is what the student was trained for)."""
-        f = self._field(model if model is not None else self.student, cond)
+        f = self._field(model, cond)
         return sample_velocity(f, noise, nfe, solver or "euler", "uniform", cond=cond).x
