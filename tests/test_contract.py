@@ -92,6 +92,10 @@ def test_cli_sample_with_an_option_freeflow_does_not_take(capsys, tmp_path):
     assert code == 2
     assert err.strip().splitlines() == ["error: freeflow's sampler takes no option 'solver' (it takes: none)"]
     assert not out.exists()
+    code, _, err = main_in_process(capsys, "eval", str(run), "--solver", "heun", "--n", "64",
+                                   "--out", str(tmp_path / "ev"))
+    assert code == 2
+    assert err.strip().splitlines() == ["error: freeflow's sampler takes no option 'solver' (it takes: none)"]
     code, _, err = main_in_process(capsys, "sample", str(run), "--n", "8", "--out", str(out))
     assert code == 0, err
     assert out.is_file()
