@@ -14,11 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowdistill.core.broadcast import bcast
 from flowdistill.core.paths import LinearPath
 
 
 def _per_sample_mean_abs(d: Tensor) -> Tensor:
-    return d.abs().reshape(d.shape[0], -1).mean(dim=1).reshape(-1, *([1] * (d.ndim - 1)))
+    return bcast(d.abs().reshape(d.shape[0], -1).mean(dim=1), d)
 
 
 def dm_gradient(x_hat: Tensor, x_r: Tensor, r: Tensor, v_real: Tensor, v_fake: Tensor,
@@ -39,7 +40,7 @@ def dm_surrogate_loss(x_hat: Tensor, g: Tensor) -> Tensor:
 
 def renoise(x_hat: Tensor, r: Tensor, n: Tensor) -> Tensor:
     """``x_r = (1 − r)·x̂ + r·n`` on the linear path."""
-    rb = r.reshape(-1, *([1] * (x_hat.ndim - 1))).to(x_hat.dtype)
+    rb = bcast(r, x_hat)
     return (1 - rb) * x_hat + rb * n
 
 

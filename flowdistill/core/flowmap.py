@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdistill import kernels
+from flowdistill.core.broadcast import bcast
 from flowdistill.core.timesteps import build_grid
 
 
@@ -47,3 +48,20 @@ def sample_flow_map(net: nn.Module, noise: Tensor, steps: int, grid: str = "unif
                     cond: Tensor | None = None, return_trajectory: bool = False, **grid_kw):
     """:func:`flow_map_chain` without gradients: the few-step flow-map sampler."""
     return flow_map_chain(net, noise, steps, grid, cond, return_trajectory, **grid_kw)
+
+
+@torch.no_grad()
+def shortcut_target(net: nn.Module, x_t: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+    """Stop-gradient average velocity of two half jumps (shortcut models' self-consistency,
+    Frans et al. 2024, "One Step Diffusion via Shortcut Models"):
+
+        m = (t + s)/2,   u₁ = u(x_t, t, m),   x_m = x_t + (m − t)·u₁,
+        target = ½·(u₁ + u(x_m, m, s)),
+
+    so that ``x_t + (s − t)·target`` is the jump ``t → s`` made by composing ``net`` with itself.
+    ``t, s`` are ``[B]``; ``net`` is a two-time average-velocity network ``u(x, t, s, cond=)``.
+    """
+    m = 0.5 * (t + s)
+    u1 = net(x_t, t, m, cond=cond)
+    x_m = x_t + bcast(m - t, x_t) * u1
+    return 0.5 * (u1 + net(x_m, m, s, cond=cond))

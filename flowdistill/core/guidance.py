@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from flowdistill import kernels
+from flowdistill.core.rng import StepRNG
 
 
 def drop_condition(cond: Tensor, p: float, null_label: int, u: Tensor) -> Tensor:
@@ -23,29 +24,41 @@ class CFGField(nn.Module):
 
     Outside ``[t_lo, t_hi]`` (the guidance interval, Kynkäänniemi et al. 2024) the conditional
     velocity is used unguided (``w = 1``). Both branches run as one batched call.
+
+    The scale is a float, or a per-sample ``[B]`` tensor (LCM / Hyper-SD draw ``w ~ U[w_min, w_max]``
+    per sample); ``forward(..., w=)`` overrides the stored scale for one call.
     """
 
-    def __init__(self, field: nn.Module, scale: float, null_label: int,
+    def __init__(self, field: nn.Module, scale: float | Tensor, null_label: int,
                  interval: tuple[float, float] | None = None):
         super().__init__()
-        self.field, self.scale, self.null_label = field, float(scale), int(null_label)
+        self.field, self.null_label = field, int(null_label)
+        self.scale: float | Tensor = scale if isinstance(scale, Tensor) else float(scale)
         self.interval = interval
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Guided velocity; with ``cond=None`` the unconditional velocity."""
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None,
+                w: float | Tensor | None = None) -> Tensor:
+        """Guided velocity ``v_u + w·(v_c − v_u)`` (``w`` a float or ``[B]``); with ``cond=None`` the
+        unconditional velocity."""
         if cond is None:
             return self.field(x, t, cond=None)
-        if self.scale == 1.0 and self.interval is None:
-            return self.field(x, t, cond=cond)
+        scale = self.scale if w is None else w
+        if not isinstance(scale, Tensor):
+            scale = float(scale)
+            if scale == 1.0 and self.interval is None:
+                return self.field(x, t, cond=cond)
+        elif scale.ndim != 0 and scale.shape != (x.shape[0],):
+            raise ValueError(f"per-sample guidance scale must be [{x.shape[0]}], got {tuple(scale.shape)}")
         null = torch.full_like(cond, self.null_label)
         v = self.field(torch.cat([x, x]), torch.cat([t, t]), cond=torch.cat([null, cond]))
         v_u, v_c = v.chunk(2)
-        w: Tensor | float = self.scale
+        wt: Tensor | float = scale
         if self.interval is not None:
             lo, hi = self.interval
             inside = (t >= lo) & (t <= hi)
-            w = torch.where(inside, torch.full_like(t, self.scale), torch.ones_like(t))
-        return kernels.cfg_combine(v_u, v_c, w)
+            ws = scale.to(t) if isinstance(scale, Tensor) else torch.full_like(t, scale)
+            wt = torch.where(inside, ws.expand_as(t), torch.ones_like(t))
+        return kernels.cfg_combine(v_u, v_c, wt)
 
 
 class AutoGuidedField(nn.Module):
@@ -56,7 +69,22 @@ class AutoGuidedField(nn.Module):
         super().__init__()
         self.good, self.bad, self.scale = good, bad, float(scale)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Guided velocity."""
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None,
+                w: float | Tensor | None = None) -> Tensor:
+        """Guided velocity (``w``, a float or ``[B]``, overrides the stored scale)."""
         return kernels.cfg_combine(self.bad(x, t, cond=cond), self.good(x, t, cond=cond),
-                                   self.scale)
+                                   self.scale if w is None else w)
+
+
+def sample_guidance_scale(rng: torch.Generator | StepRNG | None, batch: int, w_min: float, w_max: float,
+                          device="cpu") -> Tensor:
+    """Per-sample guidance scales ``w ~ U[w_min, w_max]`` of shape ``[batch]`` (LCM: ``U[5, 15]``;
+    PCM-SD1.5: ``U[4, 5]``; METHODS.md §3). ``rng`` is a ``torch.Generator`` or a
+    :class:`~flowdistill.core.rng.StepRNG` (then ``batch`` is the local batch, drawn from the global one)."""
+    if not w_min <= w_max:
+        raise ValueError(f"guidance scale range needs w_min <= w_max, got {w_min}, {w_max}")
+    if isinstance(rng, StepRNG):
+        u = rng.rand(batch)
+    else:
+        u = torch.rand(batch, generator=rng)
+    return (w_min + (w_max - w_min) * u).to(device)

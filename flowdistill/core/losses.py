@@ -13,6 +13,7 @@ import math
 
 from torch import Tensor, nn
 
+from flowdistill.core.broadcast import bcast
 from flowdistill.core.registry import Registry
 
 PREMETRICS: Registry = Registry("loss")
@@ -47,10 +48,6 @@ def ict_huber_c(dim: int) -> float:
     return 0.00054 * math.sqrt(dim)
 
 
-def _col(t: Tensor, like: Tensor) -> Tensor:
-    return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
-
-
 @PREMETRICS.register("perceptual")
 def perceptual(pred: Tensor, target: Tensor, net: nn.Module | None = None, **_) -> Tensor:
     """Perceptual distance ``P(pred, target)`` of two data-space samples (``net`` from
@@ -77,7 +74,7 @@ def lpips_huber(pred: Tensor, target: Tensor, x_t: Tensor | None = None, t: Tens
     if x_t is None or t is None or net is None:
         raise ValueError("loss 'lpips_huber' needs x_t, t and a perceptual net (the reflow distiller "
                          "passes them); plain flow matching cannot use it")
-    tc = _col(t, pred)
+    tc = bcast(t, pred)
     x_hat = x_t - tc * pred
     x = x_t - tc * target
     return (1 - t.to(pred.dtype)) * pseudo_huber(pred, target, c=c) + net(x_hat, x)

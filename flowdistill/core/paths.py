@@ -16,11 +16,8 @@ import torch
 from torch import Tensor
 
 from flowdistill import kernels
+from flowdistill.core.broadcast import bcast
 from flowdistill.core.registry import Registry
-
-
-def _col(c: Tensor, like: Tensor) -> Tensor:
-    return c.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 class AffinePath:
@@ -52,7 +49,7 @@ class AffinePath:
 
     def sample(self, x: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """``x_t = α(t)·x + σ(t)·ε``."""
-        return _col(self.alpha(t), x) * x + _col(self.sigma(t), x) * eps
+        return bcast(self.alpha(t), x) * x + bcast(self.sigma(t), x) * eps
 
     def _det(self, t: Tensor) -> Tensor:
         return self.d_sigma(t) * self.alpha(t) - self.sigma(t) * self.d_alpha(t)
@@ -60,31 +57,31 @@ class AffinePath:
     def velocity_to_x0(self, x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:
         """Data prediction from a velocity."""
         det = self._det(t)
-        return _col(self.d_sigma(t) / det, x_t) * x_t - _col(self.sigma(t) / det, x_t) * v
+        return bcast(self.d_sigma(t) / det, x_t) * x_t - bcast(self.sigma(t) / det, x_t) * v
 
     def velocity_to_eps(self, x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:
         """Noise prediction from a velocity."""
         det = self._det(t)
-        return _col(self.alpha(t) / det, x_t) * v - _col(self.d_alpha(t) / det, x_t) * x_t
+        return bcast(self.alpha(t) / det, x_t) * v - bcast(self.d_alpha(t) / det, x_t) * x_t
 
     def x0_to_velocity(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
         """Velocity from a data prediction (``ε = (x_t − α x0)/σ``)."""
-        a, s = _col(self.alpha(t), x_t), _col(self.sigma(t), x_t)
+        a, s = bcast(self.alpha(t), x_t), bcast(self.sigma(t), x_t)
         eps = (x_t - a * x0) / s
-        return _col(self.d_alpha(t), x_t) * x0 + _col(self.d_sigma(t), x_t) * eps
+        return bcast(self.d_alpha(t), x_t) * x0 + bcast(self.d_sigma(t), x_t) * eps
 
     def eps_to_velocity(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Velocity from a noise prediction (``x0 = (x_t − σ ε)/α``)."""
-        a, s = _col(self.alpha(t), x_t), _col(self.sigma(t), x_t)
+        a, s = bcast(self.alpha(t), x_t), bcast(self.sigma(t), x_t)
         x0 = (x_t - s * eps) / a
-        return _col(self.d_alpha(t), x_t) * x0 + _col(self.d_sigma(t), x_t) * eps
+        return bcast(self.d_alpha(t), x_t) * x0 + bcast(self.d_sigma(t), x_t) * eps
 
     def vpred_to_velocity(self, x_t: Tensor, vp: Tensor, t: Tensor) -> Tensor:
         """Velocity from a diffusion "v-prediction" ``α ε − σ x0`` (for α² + σ² = 1 paths)."""
-        a, s = _col(self.alpha(t), x_t), _col(self.sigma(t), x_t)
+        a, s = bcast(self.alpha(t), x_t), bcast(self.sigma(t), x_t)
         x0 = a * x_t - s * vp
         eps = s * x_t + a * vp
-        return _col(self.d_alpha(t), x_t) * x0 + _col(self.d_sigma(t), x_t) * eps
+        return bcast(self.d_alpha(t), x_t) * x0 + bcast(self.d_sigma(t), x_t) * eps
 
 
 class LinearPath(AffinePath):

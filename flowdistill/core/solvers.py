@@ -208,3 +208,39 @@ def steps_for_nfe(method: str, nfe: int) -> int:
     if nfe < per or nfe % per:
         raise ValueError(f"{method} uses {per} evaluations per step; NFE {nfe} is not a multiple")
     return nfe // per
+
+
+STEP_SOLVERS = ("euler", "heun", "midpoint", "ddim")
+STEP_EVALS = {"euler": 1, "ddim": 1, "heun": 2, "midpoint": 2}
+
+
+def step(field: Field, x: Tensor, t: Tensor, s: Tensor, solver: str = "euler",
+         cond: Tensor | None = None) -> Tensor:
+    """One solver step from per-sample times ``t [B]`` to per-sample targets ``s [B]``.
+
+    With ``h = s − t`` per sample (``h < 0`` when generating):
+
+    - ``euler``:    ``x + h·v(x, t)``
+    - ``midpoint``: ``x + h·v(x + h/2·v(x, t), (t + s)/2)``
+    - ``heun``:     ``x + h/2·(k₁ + v(x + h·k₁, s))``, ``k₁ = v(x, t)``
+    - ``ddim``:     DDIM's deterministic update ``x_s = α_s·x̂₀ + σ_s·ε̂`` (Song et al. 2021). On the
+      linear path ``x̂₀ = x − t·v`` and ``ε̂ = x + (1 − t)·v``, so
+      ``x_s = (1 − s)(x − t·v) + s(x + (1 − t)·v) = x + (s − t)·v``: exactly the Euler step on the
+      velocity (as in diffusers' flow-match Euler scheduler).
+
+    A sample with ``s = t`` is returned unchanged (its step is ``0·v``). ``STEP_EVALS[solver]``
+    network evaluations are spent on the whole batch.
+    """
+    if solver not in STEP_EVALS:
+        raise ValueError(f"step solver must be one of {', '.join(STEP_SOLVERS)}, got {solver!r}")
+    if t.ndim != 1 or s.shape != t.shape or t.shape[0] != x.shape[0]:
+        raise ValueError(f"t and s must both be [B] = [{x.shape[0]}], got {tuple(t.shape)}, {tuple(s.shape)}")
+    h = s - t
+    k1 = field(x, t, cond=cond)
+    if solver in ("euler", "ddim"):
+        return kernels.lincomb(x, [k1], [h])
+    if solver == "midpoint":
+        xm = kernels.lincomb(x, [k1], [0.5 * h])
+        return kernels.lincomb(x, [field(xm, 0.5 * (t + s), cond=cond)], [h])
+    k2 = field(kernels.lincomb(x, [k1], [h]), s, cond=cond)
+    return kernels.lincomb(x, [k1, k2], [0.5 * h, 0.5 * h])

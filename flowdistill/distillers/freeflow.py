@@ -97,13 +97,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from flowdistill.core.broadcast import bcast
 from flowdistill.core.derivatives import directional_derivative
 from flowdistill.core.distributed import global_rms
 from flowdistill.core.dmd import dm_gradient, dm_surrogate_loss, fake_velocity_target, renoise
-from flowdistill.core.flowmap import flow_map_chain, flow_map_jump, sample_flow_map
+from flowdistill.core.flowmap import flow_map_chain, flow_map_jump, sample_flow_map, shortcut_target
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.sampling import guided
 from flowdistill.core.timesteps import TimeSamplerConfig
+from flowdistill.core.weights import adaptive_weight
 from flowdistill.distillers.base import (
     BenchRow,
     Distiller,
@@ -273,10 +275,6 @@ class FreeFlow(Distiller):
                        self.num_classes if self.num_classes else None)
         return field(x, t, cond=cond)
 
-    @staticmethod
-    def _bt(t: Tensor, x: Tensor) -> Tensor:
-        return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
     # -- losses ------------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
         """``group="fake"``: ψ's flow-matching loss; ``group="student"``: prediction + correction."""
@@ -339,7 +337,7 @@ class FreeFlow(Distiller):
         u, du_ds = directional_derivative(u_of_s, (s,), (ones,), method=cfg.derivative, h=cfg.fd_step,
                                           forward=None if student is self.student else u_of_s_wrapped)
         with torch.no_grad():
-            dt = self._bt(s - t, eps)
+            dt = bcast(s - t, eps)
             x_s = x_t + dt * u.detach()
             target = self._v_real(x_s, s, cond) - dt * du_ds
         diff = u - target
@@ -349,31 +347,25 @@ class FreeFlow(Distiller):
         w = self._robust_weight(sq)
         l_pred = (w * sq).mean()
         scale = w if cfg.s_weight_c <= 0 else w * ((s + cfg.s_weight_c) / (1 + cfg.s_weight_c)).pow(2)
-        grad = 2 * self._bt(scale, diff) * diff.detach()
+        grad = 2 * bcast(scale, diff) * diff.detach()
         if cfg.shortcut_weight > 0:
             diff_sc = u - self._shortcut_target(x_t, t, s, cond)
             sq_sc = diff_sc.pow(2).reshape(b, -1).mean(dim=1)
             w_sc = cfg.shortcut_weight * self._robust_weight(sq_sc)
             l_pred = l_pred + (w_sc * sq_sc).mean()
-            grad = grad + 2 * self._bt(w_sc, diff_sc) * diff_sc.detach()
+            grad = grad + 2 * bcast(w_sc, diff_sc) * diff_sc.detach()
         grad = cfg.prediction_weight * grad / diff.numel()
         return l_pred, sq.detach().mean(), _rms(grad)
 
     def _robust_weight(self, sq: Tensor) -> Tensor:
-        """MeanFlow-style per-sample weight ``1/sg(‖Δ‖²/D + c)^p`` (ones when ``p = 0``)."""
-        if self.cfg.adaptive_p <= 0:
-            return torch.ones_like(sq)
-        return (sq.detach() + self.cfg.adaptive_c).pow(-self.cfg.adaptive_p)
+        """MeanFlow-style per-sample weight ``1/sg(‖Δ‖²/D + c)^p`` (ones when ``p = 0``);
+        :func:`flowdistill.core.weights.adaptive_weight` with the config's ``p, c``."""
+        return adaptive_weight(sq, self.cfg.adaptive_p, self.cfg.adaptive_c)
 
-    @torch.no_grad()
     def _shortcut_target(self, x_t: Tensor, t: Tensor, s: Tensor, cond: Tensor | None) -> Tensor:
-        """Average velocity of two half jumps, ``½·(u(x_t, t, m) + u(X(x_t, t, m), m, s))`` with
-        ``m = (t + s)/2``: the jump ``t → s`` made by composing the student with itself (shortcut
-        models' self-consistency, Frans et al. 2024), a stop-gradient target for ``u(x_t, t, s)``."""
-        m = 0.5 * (t + s)
-        u1 = self.student(x_t, t, m, cond=cond)
-        x_m = x_t + self._bt(m - t, x_t) * u1
-        return 0.5 * (u1 + self.student(x_m, m, s, cond=cond))
+        """Average velocity of two half jumps of the student, ``½·(u(x_t, t, m) + u(X(x_t, t, m), m, s))``
+        with ``m = (t + s)/2`` (no grad): :func:`flowdistill.core.flowmap.shortcut_target`."""
+        return shortcut_target(self.student, x_t, t, s, cond)
 
     def _student_samples(self, eps: Tensor, cond: Tensor | None) -> Tensor:
         """The student's samples (with gradient when enabled): sample ``i`` is made with

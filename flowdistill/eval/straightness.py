@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flowdistill.core.broadcast import bcast
 from flowdistill.core.sampling import sample_velocity
 
 
@@ -38,7 +39,7 @@ def trajectory_straightness(field, noise: Tensor, nfe: int = 128, solver: str = 
     traj = torch.stack([x.double() for x in res.trajectory])  # [T+1, B, ...]
     ts = torch.tensor(res.times, dtype=torch.float64)
     x1, x0 = traj[0], traj[-1]
-    tc = ts.reshape(-1, *([1] * (traj.ndim - 1)))
+    tc = bcast(ts, traj)
     dev = (traj - ((1 - tc) * x0 + tc * x1)).flatten(2).pow(2).sum(dim=2)  # [T+1, B]
     w = (ts[:-1] - ts[1:]).abs()  # trapezoid weights on the (possibly non-uniform) grid
     integral = (0.5 * w[:, None] * (dev[:-1] + dev[1:])).sum(dim=0)  # [B]
