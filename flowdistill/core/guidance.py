@@ -49,6 +49,8 @@ class CFGField(nn.Module):
                 return self.field(x, t, cond=cond)
         elif scale.ndim != 0 and scale.shape != (x.shape[0],):
             raise ValueError(f"per-sample guidance scale must be [{x.shape[0]}], got {tuple(scale.shape)}")
+        else:
+            scale = scale.to(x.device)
         null = torch.full_like(cond, self.null_label)
         v = self.field(torch.cat([x, x]), torch.cat([t, t]), cond=torch.cat([null, cond]))
         v_u, v_c = v.chunk(2)
@@ -77,14 +79,16 @@ class AutoGuidedField(nn.Module):
 
 
 def sample_guidance_scale(rng: torch.Generator | StepRNG | None, batch: int, w_min: float, w_max: float,
-                          device="cpu") -> Tensor:
+                          device=None) -> Tensor:
     """Per-sample guidance scales ``w ~ U[w_min, w_max]`` of shape ``[batch]`` (LCM: ``U[5, 15]``;
     PCM-SD1.5: ``U[4, 5]``; METHODS.md §3). ``rng`` is a ``torch.Generator`` or a
-    :class:`~flowdistill.core.rng.StepRNG` (then ``batch`` is the local batch, drawn from the global one)."""
+    :class:`~flowdistill.core.rng.StepRNG` (then ``batch`` is the local batch, drawn from the global one,
+    on the StepRNG's device); ``device`` moves the result (default: where it was drawn)."""
     if not w_min <= w_max:
         raise ValueError(f"guidance scale range needs w_min <= w_max, got {w_min}, {w_max}")
     if isinstance(rng, StepRNG):
         u = rng.rand(batch)
     else:
-        u = torch.rand(batch, generator=rng)
-    return (w_min + (w_max - w_min) * u).to(device)
+        u = torch.rand(batch, generator=rng, device=rng.device if rng is not None else None)
+    w = w_min + (w_max - w_min) * u
+    return w if device is None else w.to(device)
