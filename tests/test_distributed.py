@@ -78,6 +78,8 @@ def test_two_processes_match_one(tmp_path):
     a, b, c = (student_weights(tmp_path / n) for n in ("one", "two", "seed"))
     moved = _diff(a, _init_weights(tmp_path, *TINY_TEACHER))
     assert moved > 1e-2
+    print(f"DDP 2 vs 1 process: max |Δw| {_diff(a, b):.3g}, movement {moved:.3g}, "
+          f"other seed {_diff(a, c):.3g}")
     assert _diff(a, b) < RATIO * moved, (_diff(a, b), moved)
     assert _diff(a, c) > 10 * RATIO * moved  # the comparison can fail: another seed lands elsewhere
 
@@ -91,6 +93,8 @@ def test_grad_accum_equals_bigger_batch(tmp_path):
     half = train(load_config(None, [f"out_dir={tmp_path / 'half'}", *base, "train.batch_size=128"]))
     a, b, c = student_weights(big), student_weights(acc), student_weights(half)
     moved = _diff(a, _init_weights(tmp_path, *TINY_TEACHER))
+    print(f"grad_accum 2 vs batch x2: max |Δw| {_diff(a, b):.3g}, movement {moved:.3g}, "
+          f"half batch {_diff(a, c):.3g}")
     assert _diff(a, b) < RATIO * moved, (_diff(a, b), moved)
     assert _diff(a, c) > 10 * RATIO * moved  # half the batch without accumulation is another run
 
@@ -112,6 +116,7 @@ def test_two_process_freeflow_two_optimisers_match_one(tmp_path):
     ref = student_weights(teacher)  # the student starts as the teacher (plus its second time input)
     moved = max((a[k] - ref[k]).abs().max().item() for k in a if k in ref and a[k].shape == ref[k].shape)
     assert moved > 1e-4
+    print(f"FreeFlow DDP 2 vs 1 process: max |Δw| {_diff(a, b):.3g}, movement {moved:.3g}")
     assert _diff(a, b) < RATIO * max(moved, 1e-3), (_diff(a, b), moved)
 
 
@@ -132,6 +137,8 @@ def test_two_process_fsdp_matches_one(tmp_path):
     shutil.rmtree(tmp_path / "fsdp" / "student")
     _run(2, f"out_dir={tmp_path / 'fsdp'}", *args, "--resume")
     c = student_weights(tmp_path / "fsdp")
+    print(f"FSDP2 2 vs 1 process: max |Δw| {_diff(a, b):.3g} (resumed from a sharded checkpoint "
+          f"{_diff(a, c):.3g}), movement {moved:.3g}")
     assert _diff(a, c) < RATIO * moved, (_diff(a, c), moved)
 
 
@@ -157,6 +164,7 @@ def test_ddp_run_killed_mid_way_resumes_to_the_same_weights(tmp_path):
     _run(2, f"out_dir={killed}", *args, "--resume")
     a, b = student_weights(tmp_path / "ref"), student_weights(killed)
     moved = _diff(a, _init_weights(tmp_path, *TINY_TEACHER))
+    print(f"DDP killed + resumed vs 1 process: max |Δw| {_diff(a, b):.3g}, movement {moved:.3g}")
     assert _diff(a, b) < RATIO * moved, (_diff(a, b), moved)
     assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
 
