@@ -1,36 +1,91 @@
 """``flowdistill demo``: the README's default job on the built-in checkerboard problem.
 
-1. train a flow-matching teacher (``configs/teacher_checkerboard.yaml``);
+1. take the flow-matching teacher: the shipped ``assets/checkerboard_teacher`` (a run directory
+   trained by ``configs/teacher_checkerboard.yaml``, 3000 steps; see its README.md and
+   ``scripts/train_checkerboard_teacher.py``), or train it from that config when
+   ``train_teacher=True`` or the asset is not there (a non-editable install has no ``assets/``);
 2. distil it data-free with FreeFlow into a few-step flow-map student
    (``configs/freeflow_checkerboard.yaml``, the benchmark's settings);
 3. compare the teacher's Euler sampler at 1, 2, 4, 8, 128 steps with the student at 1, 2, 4 jumps
    (sliced W2 and energy distance to fresh target samples, with the data-vs-data floor at the same
    ``n``), print the table and write ``demo.md``/``demo.json``, a scatter grid and a
    metric-vs-NFE plot.
+
+Where the time goes (2 CPU cores): the FreeFlow distillation is nearly all of it (2400 steps of
+about ten network evaluations and a forward-mode JVP each); training the teacher as well adds
+about a quarter more, which is why the shipped teacher is used by default; evaluation takes
+seconds.
+
+Threads: the networks are small (batch 512–1024, width 256), and intra-op threads that share
+their cores with other busy processes wait at every op's barrier: on a 2-core box with other jobs
+running, a teacher step took 14× longer with 2 threads than with 1 (500 vs 36 ms). Unless
+``OMP_NUM_THREADS`` is set, the demo therefore uses torch's thread count lowered to the CPUs the
+1-minute load average leaves idle (at least 1), and restores it afterwards.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TEACHER_ASSET = Path(__file__).resolve().parents[1] / "assets" / "checkerboard_teacher"
 TEACHER_NFE = [1, 2, 4, 8, 128]
 STUDENT_NFE = [1, 2, 4]
 
 
 def _config_path(name: str) -> Path:
+    """A packaged config file by name."""
     return CONFIG_DIR / name
 
 
-def run_demo(out: Path, quick: bool = False) -> str:
-    """Train the teacher, distil it with FreeFlow, sweep NFE, print the table, write PNGs.
+def _shipped_teacher() -> Path | None:
+    """The shipped teacher run directory, or None if it is not installed."""
+    ok = (TEACHER_ASSET / "config.yaml").is_file() and (TEACHER_ASSET / "student" / "config.json").is_file()
+    return TEACHER_ASSET if ok else None
 
-    ``quick`` shrinks everything to seconds (for smoke tests); the numbers are then meaningless.
-    Returns the markdown table.
+
+def _cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _demo_threads() -> int:
+    """Intra-op threads for the demo: torch's count, capped by the idle CPUs (see the module doc)."""
+    threads = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return threads
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return threads
+    return max(1, min(threads, int(_cpus() - load + 0.5)))
+
+
+def run_demo(out: Path, quick: bool = False, train_teacher: bool = False) -> str:
+    """Get the teacher, distil it with FreeFlow, sweep NFE, print the table, write PNGs.
+
+    ``quick`` shrinks the distillation (and a trained teacher) to seconds, for smoke tests; the
+    numbers are then meaningless. ``train_teacher`` trains the teacher into ``out/teacher`` instead
+    of using the shipped one. Returns the markdown table.
     """
+    before = torch.get_num_threads()
+    threads = _demo_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(Path(out), quick, train_teacher, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(out: Path, quick: bool, train_teacher: bool, threads: int) -> str:
+    """:func:`run_demo` once the thread count is set."""
     from flowdistill.api import load_run, train
     from flowdistill.config import load_config
     from flowdistill.data.toy2d import get_toy
@@ -38,26 +93,34 @@ def run_demo(out: Path, quick: bool = False) -> str:
     from flowdistill.eval.sweep import toy_sweep, write_table
 
     t0 = time.time()
-    out = Path(out)
+    print(f"[demo] {threads} torch thread(s) on {_cpus()} CPUs")
     n, t_nfe, s_nfe = 4000, TEACHER_NFE, STUDENT_NFE
     t_over = [f"out_dir={out / 'teacher'}"]
-    s_over = [f"out_dir={out / 'student'}", f"teacher={out / 'teacher'}"]
+    s_over = [f"out_dir={out / 'student'}"]
     if quick:
         t_over += ["train.steps=30", "train.log_every=10", "train.ckpt_every=30"]
         s_over += ["train.steps=6", "train.log_every=2", "train.ckpt_every=6",
                    "distiller.correction_warmup=2"]
         n, t_nfe, s_nfe = 500, [1, 2, 8], [1, 2]
-    t_cfg = load_config(_config_path("teacher_checkerboard.yaml"), t_over)
-    print(f"[demo] 1/3 training the checkerboard teacher ({t_cfg.train.steps} steps) in {out / 'teacher'}")
-    train(t_cfg, overwrite=True)
+    teacher_dir = None if train_teacher else _shipped_teacher()
+    if teacher_dir is None:
+        t_cfg = load_config(_config_path("teacher_checkerboard.yaml"), t_over)
+        why = "" if train_teacher else f" (no shipped teacher at {TEACHER_ASSET})"
+        print(f"[demo] 1/3 training the checkerboard teacher ({t_cfg.train.steps} steps){why} "
+              f"in {out / 'teacher'}")
+        teacher_dir = Path(train(t_cfg, overwrite=True))
+    else:
+        print(f"[demo] 1/3 using the shipped checkerboard teacher {teacher_dir} "
+              "(configs/teacher_checkerboard.yaml; run_demo(..., train_teacher=True) retrains it)")
     t1 = time.time()
-    s_cfg = load_config(_config_path("freeflow_checkerboard.yaml"), s_over, default_distiller="freeflow")
+    s_cfg = load_config(_config_path("freeflow_checkerboard.yaml"), [*s_over, f"teacher={teacher_dir}"],
+                        default_distiller="freeflow")
     print(f"[demo] 2/3 distilling it with FreeFlow, data-free ({s_cfg.train.steps} steps) "
           f"in {out / 'student'}")
     train(s_cfg, overwrite=True)
     t2 = time.time()
     print("[demo] 3/3 evaluating")
-    teacher, student = load_run(out / "teacher"), load_run(out / "student")
+    teacher, student = load_run(teacher_dir), load_run(out / "student")
     ds = get_toy("checkerboard")
     names = {"teacher": "teacher (Euler)", "student": "FreeFlow student"}
     rows, samples = toy_sweep(
@@ -73,7 +136,8 @@ def run_demo(out: Path, quick: bool = False) -> str:
     curves = {m: {r["nfe"]: r["sw2"] for r in rows if r["model"] == m} for m in names.values()}
     metric_vs_nfe(curves, out / "demo_sw2_vs_nfe.png", ylabel="sliced W2", floor=rows[0]["sw2_floor"],
                   logy=True)
+    t3 = time.time()
     print(md)
-    print(f"[demo] done in {time.time() - t0:.0f} s (teacher {t1 - t0:.0f} s, distillation {t2 - t1:.0f} s); "
-          f"tables and plots in {out}")
+    print(f"[demo] done in {t3 - t0:.0f} s (teacher {t1 - t0:.0f} s, distillation {t2 - t1:.0f} s, "
+          f"evaluation {t3 - t2:.0f} s); tables and plots in {out}")
     return md

@@ -1,18 +1,14 @@
 """Bad input: a one-line error naming the problem, exit status 2, no traceback, nothing overwritten.
 
-Most cases call ``flowdistill.cli.main`` in process (an interpreter start-up costs ~5 s here); two
-tests run the real entry points as subprocesses: ``python -m flowdistill.cli`` and the installed
-``flowdistill`` console script, where the exit status and stderr are the process's own.
+Most cases call ``flowdistill.cli.main`` in process (an interpreter start-up costs ~5 s here); one
+test runs ``python -m flowdistill.cli`` as a subprocess, where the exit status and stderr are the
+process's own (``tests/test_cli_input.py::test_installed_entry_point`` does the same for the
+installed ``flowdistill`` console script).
 """
-
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO, TINY_TEACHER, cli, main_in_process
+from tests.helpers import TINY_TEACHER, cli, main_in_process
 
 
 def _one_line_error(code: int, err: str, *needles: str) -> None:
@@ -95,18 +91,3 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
     r = cli("train-teacher", f"out_dir={tmp_path / 'run'}", *TINY_TEACHER, "train.stepz=3")
     _one_line_error(r.returncode, r.stderr, "train.stepz")
     assert not (tmp_path / "run").exists()
-
-
-def test_console_script_exits_2_with_one_line(tmp_path):
-    """The installed ``flowdistill`` script: an argparse error and a missing run are status 2, one line."""
-    exe = shutil.which("flowdistill", path=os.path.dirname(sys.executable)) or shutil.which("flowdistill")
-    if exe is None:
-        pytest.skip("the flowdistill console script is not installed")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("FLOWDISTILL_TRACEBACK", None)
-    r = subprocess.run([exe, "sample", str(tmp_path / "nothing"), "--nfe", "0"], capture_output=True,
-                       text=True, env=env, timeout=300, cwd=REPO)
-    _one_line_error(r.returncode, r.stderr, "--nfe", "positive")
-    r = subprocess.run([exe, "sample", str(tmp_path / "nothing")], capture_output=True, text=True, env=env,
-                       timeout=300, cwd=REPO)
-    _one_line_error(r.returncode, r.stderr, "config.yaml missing")
