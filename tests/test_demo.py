@@ -54,3 +54,16 @@ def test_demo_threads_follow_idle_cpus(monkeypatch):
         assert demo._demo_threads() == want, load
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert demo._demo_threads() == 8  # the user's setting (torch already applied it) is kept
+
+
+def test_shipped_teacher_is_what_its_config_trains():
+    """The asset's resolved config equals today's teacher_checkerboard.yaml (else retrain the asset)."""
+    from flowdistill.config import load_config
+
+    if demo._shipped_teacher() is None:
+        pytest.skip("assets/checkerboard_teacher is not in this checkout")
+    shipped = load_config(demo.TEACHER_ASSET / "config.yaml")
+    current = load_config(demo.CONFIG_DIR / "teacher_checkerboard.yaml")
+    for section in ("model", "data", "train", "distiller"):
+        assert getattr(shipped, section) == getattr(current, section), (
+            f"{section} differs: rerun scripts/train_checkerboard_teacher.py")
