@@ -17,7 +17,10 @@ own ``no_grad`` does not leave it):
   steps, same NFE).
 
 The repeats are interleaved (floor, flowdistill, torchdiffeq, floor, ...) after one warm-up
-each, and each run's median is reported with the ratios; on a shared machine, read the ratios. The
+each, and each run's median is reported with the ratios of medians and the "paired" ratios (the
+median over repeats of this repeat's time over the floor's, or torchdiffeq's, time in the same
+repeat: neighbours in time share the machine's load, so these are the ones to read on a shared
+machine). The
 final states are compared, so a run that skipped work would show. ``--clock cpu`` times with
 ``time.process_time`` (this process's CPU time: less sensitive to other processes on a loaded
 machine, meaningful with ``--threads 1``).
@@ -143,11 +146,15 @@ def main() -> None:
     print(f"MLPFlowNet {args.hidden}x{args.depth}, batch {args.batch}, fp32, NFE {args.nfe}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.mode} mode, "
           f"{args.clock} clock, median of {args.repeats} interleaved repeats\n")
-    print("| run | median ms | min ms | × floor | × torchdiffeq | max abs diff to floor |")
-    print("|---|---:|---:|---:|---:|---:|")
+    floor_t, tdq_t = times["floor (plain loop)"], times["torchdiffeq euler"]
+    print("| run | median ms | min ms | × floor | × torchdiffeq | × floor, paired | × torchdiffeq, paired "
+          "| max abs diff to floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for k, v in med.items():
+        paired_floor = statistics.median(a / b for a, b in zip(times[k], floor_t, strict=True))
+        paired_tdq = statistics.median(a / b for a, b in zip(times[k], tdq_t, strict=True))
         print(f"| {k} | {v * 1e3:.1f} | {min(times[k]) * 1e3:.1f} | {v / base:.3f} | {v / tdq_med:.3f} "
-              f"| {diffs[k]:.1e} |")
+              f"| {paired_floor:.3f} | {paired_tdq:.3f} | {diffs[k]:.1e} |")
     print(f"\nNull field (the loop machinery alone; median of {args.repeats} × {NULL_CALLS} calls, wall "
           "clock):\n")
     print("| run | µs per solve | µs per step over the floor | overhead share with the network |")
