@@ -203,7 +203,7 @@ def _cmd_reflow(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from flowdistill.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, train_teacher=args.train_teacher)
 
 
 def _first_line(e: BaseException) -> str:
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", parents=[plugin], help="the default job on a built-in problem")
     sp.add_argument("--out", default="runs/demo", help="demo run directory (replaced each time)")
+    sp.add_argument("--train-teacher", action="store_true",
+                    help="train the checkerboard teacher instead of using the shipped one (adds ~40 s)")
     sp.add_argument("--quick", action="store_true", help="tiny settings (seconds), for smoke tests")
     return p
 

@@ -67,3 +67,10 @@ def test_shipped_teacher_is_what_its_config_trains():
     for section in ("model", "data", "train", "distiller"):
         assert getattr(shipped, section) == getattr(current, section), (
             f"{section} differs: rerun scripts/train_checkerboard_teacher.py")
+
+
+def test_cli_demo_takes_train_teacher_flag():
+    from flowdistill.cli import parse_args
+
+    assert parse_args(["demo", "--quick", "--train-teacher"]).train_teacher is True
+    assert parse_args(["demo"]).train_teacher is False
