@@ -30,8 +30,12 @@ def build_accelerator(cpu: bool, mixed_precision: str, distributed: str, log_wit
     """An Accelerator for ``distributed`` (``auto``/``ddp``: DDP when launched on several processes)."""
     if distributed not in DISTRIBUTED:
         raise ConfigError(f"train.distributed must be one of {', '.join(DISTRIBUTED)}, got {distributed!r}")
+    on_cuda = not cpu and torch.cuda.is_available()
+    if mixed_precision == "fp16" and not on_cuda:
+        raise ConfigError("train.mixed_precision=fp16 needs CUDA: on the CPU accelerate neither casts to "
+                          "fp16 nor scales the loss (it would silently train in fp32); use bf16 or no")
     kw = {}
-    if distributed == "fsdp" and not cpu and torch.cuda.is_available():
+    if distributed == "fsdp" and on_cuda:
         from accelerate import FullyShardedDataParallelPlugin
 
         kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
