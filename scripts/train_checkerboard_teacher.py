@@ -17,7 +17,6 @@ samples, mean ± std over 5 evaluation seeds, with the data-vs-data floor; DESIG
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import shlex
@@ -34,15 +33,6 @@ MAX_BYTES = 5 * 1024 * 1024
 NFE = [1, 2, 4, 8, 128]
 EVAL_SEEDS = [1234, 1, 2, 3, 4]
 N = 4000
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sweep(run_dir: Path) -> str:
@@ -66,6 +56,7 @@ def sweep(run_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Train, copy config.yaml + student/ into the asset directory, write its README."""
+    from flowdistill.data.couplings import file_sha256
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.seed=1")
     ap.add_argument("--out-dir", default=str(REPO / "runs" / "teacher_checkerboard"))
@@ -111,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{cmd.rstrip()}`",
         f"- seed: train.seed={cfg.train.seed}; {cfg.train.steps} steps, batch {cfg.train.batch_size}, "
         f"{train_s:.0f} s wall clock, {cpu_s:.0f} s process CPU time",
-        f"- weights: {weights.stat().st_size / 1e6:.2f} MB, sha256 `{sha256(weights)}`",
+        f"- weights: {weights.stat().st_size / 1e6:.2f} MB, sha256 `{file_sha256(weights)}`",
         f"- date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, "
         f"python {platform.python_version()}, {torch.get_num_threads()} torch threads "
         f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), {os.cpu_count()} CPUs",
-        f"- config file sha256: `{sha256(CONFIG)}` ({CONFIG.name})",
+        f"- config file sha256: `{file_sha256(CONFIG)}` ({CONFIG.name})",
         "",
         f"## Euler sweep (n = {N}, mean ± std over evaluation seeds {', '.join(map(str, EVAL_SEEDS))})",
         "",

@@ -17,7 +17,6 @@ training time, the sweep and git-free provenance (package versions, platform, fi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -35,15 +34,6 @@ EULER_NFE = [1, 2, 4, 8, 32]
 HEUN_NFE = [128]
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dir_bytes(path: Path) -> int:
     """Total size of the regular files under ``path``."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -58,6 +48,8 @@ def provenance(config: Path) -> list[str]:
     import sklearn
     import torch
 
+    from flowdistill.data.couplings import file_sha256
+
     return [
         f"- date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}",
         f"- flowdistill {version('flowdistill')}, torch {torch.__version__}, "
@@ -65,8 +57,8 @@ def provenance(config: Path) -> list[str]:
         f"- python {platform.python_version()}, {platform.system()} {platform.machine()}, "
         f"torch threads {torch.get_num_threads()} "
         f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), {os.cpu_count()} CPUs",
-        f"- config file sha256: `{sha256(config)}` ({config.name})",
-        f"- digits feature net sha256: `{sha256(REPO / 'assets' / 'digits_classifier.safetensors')}`",
+        f"- config file sha256: `{file_sha256(config)}` ({config.name})",
+        f"- digits feature net sha256: `{file_sha256(REPO / 'assets' / 'digits_classifier.safetensors')}`",
     ]
 
 
@@ -84,6 +76,7 @@ def run_sweep(run_dir: Path) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train, copy the student into the asset directory and write its README."""
+    from flowdistill.data.couplings import file_sha256
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.seed=1")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -137,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- training: {cfg.train.steps} steps, batch {cfg.train.batch_size}, {train_s:.0f} s wall clock, "
         f"{cpu_s:.0f} s process CPU time, "
         f"final logged loss {last.get('loss', float('nan')):.4f}",
-        f"- weights: {weights.name}, {weights.stat().st_size / 1e6:.2f} MB, sha256 `{sha256(weights)}`",
+        f"- weights: {weights.name}, {weights.stat().st_size / 1e6:.2f} MB, sha256 `{file_sha256(weights)}`",
         *provenance(Path(args.config)),
         "",
         "The resolved config is `train_config.yaml` beside this file.",
