@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from flowdistill import kernels
+from flowdistill.training.engine import full_tensor
 
 
 class EMA:
@@ -37,10 +38,10 @@ class EMA:
         d = self.current_decay()
         ema_p = [p for p in self.module.parameters() if p.dtype.is_floating_point]
         # a sharded (FSDP2) source holds DTensors: average their full values
-        src_p = [_full(p.detach()) for p in module.parameters() if p.dtype.is_floating_point]
+        src_p = [full_tensor(p.detach()) for p in module.parameters() if p.dtype.is_floating_point]
         kernels.ema_update_(ema_p, src_p, d)
         for b_ema, b in zip(self.module.buffers(), module.buffers(), strict=True):
-            b_ema.copy_(_full(b))
+            b_ema.copy_(full_tensor(b))
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -54,7 +55,3 @@ class EMA:
         sd = dict(sd)
         self.num_updates = int(sd.pop("__ema_num_updates__").item())
         self.module.load_state_dict(sd)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
