@@ -58,6 +58,7 @@ class JobConfig:
 
     out_dir: str = MISSING
     teacher: str = ""  # directory of a saved teacher (run_dir/student or a model dir)
+    init: str = ""  # start the student from this run/model directory instead of the teacher (recipes)
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,12 +149,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     A file that is missing, binary or not valid YAML, an unknown key, a wrong type or a bad value
     is a :class:`~flowdistill.errors.ConfigError` naming the file or the key.
     """
+    raw: Any = OmegaConf.create({})
+    if path is not None:
+        raw = read_yaml_file(path)
+        if not isinstance(raw, DictConfig):
+            raise ConfigError(f"config file {path} must hold a mapping (key: value lines), not a list")
+    return load_config_mapping(raw, overrides, default_distiller)
+
+
+def load_config_mapping(raw: dict[str, Any] | DictConfig, overrides: list[str] | None = None,
+                        default_distiller: str = "flow_matching") -> JobConfig:
+    """:func:`load_config` of a job held in memory (a mapping, e.g. a recipe stage's job)."""
     try:
-        raw = OmegaConf.create({})
-        if path is not None:
-            raw = read_yaml_file(path)
-            if not isinstance(raw, DictConfig):
-                raise ConfigError(f"config file {path} must hold a mapping (key: value lines), not a list")
+        raw = OmegaConf.create(raw) if not isinstance(raw, DictConfig) else raw
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
