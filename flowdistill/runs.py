@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from flowdistill.atomic import atomic_dir, atomic_write_text
 from flowdistill.config import read_yaml_file
 from flowdistill.errors import CheckpointError, ConfigError, RunDirError
 
@@ -128,28 +129,12 @@ def _check_same(saved: Any, new: Any, prefix: str = "") -> None:
                           f"({saved!r} there, {new!r} now)")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def export_student(model, run_dir: Path, meta: dict[str, Any]) -> Path:
     """Save the student (``save_pretrained``, safetensors) and its sampling metadata atomically."""
     final = run_dir / "student"
-    tmp = run_dir / f".student-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "flowdistill.json").write_text(json.dumps(meta, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "flowdistill.json").write_text(json.dumps(meta, indent=2))
     return final
 
 

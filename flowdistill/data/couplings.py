@@ -46,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from flowdistill.atomic import atomic_file, atomic_write_json
 from flowdistill.data.sources import IndexedSource
 from flowdistill.errors import FlowDistillError
 
@@ -132,37 +133,17 @@ def weights_file_sha256(model_dir: str | os.PathLike) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-# -- atomic writes ---------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
+# -- atomic writes (flowdistill.atomic) -------------------------------------------------------
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` through an fsynced temporary file and a rename."""
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def write_manifest(path: Path, obj: Any) -> None:
+    """Write a manifest atomically, in one canonical form (sorted keys), so equal stores are equal
+    byte for byte."""
+    atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def write_shard(root: Path, index: int, tensors: dict[str, Tensor], metadata: dict[str, str]) -> dict:
@@ -171,17 +152,13 @@ def write_shard(root: Path, index: int, tensors: dict[str, Tensor], metadata: di
     The record (file name, count, sha256, per-tensor shapes) is what :func:`add_shard` lists.
     """
     path = root / shard_name(index)
-    tmp = _tmp_name(path)
-    # One metadata key holding sorted JSON: safetensors keeps metadata in a hash map whose order
-    # changes from process to process, which would make identical shards differ in bytes.
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; shards are shared data
-    digest = file_sha256(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(root)
+    with atomic_file(path) as tmp:
+        # One metadata key holding sorted JSON: safetensors keeps metadata in a hash map whose order
+        # changes from process to process, which would make identical shards differ in bytes.
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; shards are shared data
+        digest = file_sha256(tmp)
     count = int(next(iter(tensors.values())).shape[0])
     return {"index": int(index), "file": path.name, "count": count, "sha256": digest,
             "shapes": {k: list(v.shape) for k, v in sorted(tensors.items())}}
@@ -220,7 +197,7 @@ def update_manifest(root: Path, fn: Callable[[dict], dict]) -> dict:
     """Read–modify–write the manifest atomically under the lock; returns the new manifest."""
     with manifest_lock(root):
         man = fn(read_manifest(root))
-        atomic_write_json(root / MANIFEST, man)
+        write_manifest(root / MANIFEST, man)
     return man
 
 
@@ -494,5 +471,5 @@ class CouplingStream(torch.utils.data.IterableDataset):
 
 
 __all__ = ["FORMAT", "MANIFEST", "CouplingError", "CouplingSource", "CouplingStore", "CouplingStream",
-           "add_shard", "atomic_write_json", "file_sha256", "read_manifest", "shard_count", "shard_name",
+           "add_shard", "write_manifest", "file_sha256", "read_manifest", "shard_count", "shard_name",
            "shard_seed", "state_sha256", "weights_file_sha256", "write_shard"]

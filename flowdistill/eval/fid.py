@@ -63,6 +63,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+from flowdistill.atomic import atomic_file
 from flowdistill.eval import digits_features
 from flowdistill.eval.image_io import ImageInput, ImageSource, resolve_input, save_png_folder, to_uint8
 from flowdistill.eval.inception import INCEPTION_EXTRACTOR_NAME, inception_weights_path
@@ -103,9 +104,8 @@ def _cached_reference_features(path: Path, compute: Callable[[], Tensor], n: int
             return load_file(str(path))["features"]
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"features": feats.contiguous()}, str(tmp), metadata={"n": str(n)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({"features": feats.contiguous()}, str(tmp), metadata={"n": str(n)})
     return feats
 
 

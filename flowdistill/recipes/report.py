@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from flowdistill.api import load_run
+from flowdistill.atomic import atomic_write_text
 from flowdistill.errors import ConfigError
 from flowdistill.recipes.spec import Stage
-from flowdistill.runs import atomic_write_text
 
 
 def _budget(b: Any) -> int | tuple[int, str]:

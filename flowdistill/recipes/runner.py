@@ -21,10 +21,11 @@ from accelerate import PartialState
 from omegaconf import OmegaConf
 
 from flowdistill.api import train
+from flowdistill.atomic import atomic_write_text
 from flowdistill.config import JobConfig, to_yaml
 from flowdistill.data.couplings import MANIFEST, read_manifest
 from flowdistill.recipes.spec import Recipe, Stage, load_recipe
-from flowdistill.runs import atomic_write_text, check_output_dir, check_run_dir, holds_run, read_meta
+from flowdistill.runs import check_output_dir, check_run_dir, holds_run, read_meta
 
 
 def record_time(timings: Path, key: str, seconds: float) -> None:
