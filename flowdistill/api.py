@@ -214,17 +214,27 @@ def train(cfg: JobConfig, resume: bool = False, overwrite: bool = False,
 # -- loading and sampling -----------------------------------------------------------------
 @dataclass
 class LoadedRun:
-    """A trained run ready to sample: its config, student and distiller (no teacher needed)."""
+    """A trained run ready to sample: its config, student and distiller (no teacher needed).
+
+    ``run_dir`` is the directory it was loaded from: a run directory, or a saved model directory
+    (``model_dir`` is then true; see :func:`load_run`)."""
 
     cfg: JobConfig
     student: nn.Module
     distiller: Distiller
     run_dir: Path
+    model_dir: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the student is conditioned on (``0``: unconditional)."""
+        conf = getattr(self.student, "config", None) or {}
+        return int(conf.get("num_classes", 0) or 0) if hasattr(conf, "get") else 0
 
     @torch.no_grad()
     def sample(self, n: int, nfe: int, seed: int = 0, cond: torch.Tensor | None = None,
                solver: str | None = None, device: str = "cpu", **options: Any) -> torch.Tensor:
-        """``n`` samples at ``nfe`` evaluations from seeded noise.
+        """``n`` samples at ``nfe`` evaluations from seeded noise (``cond``: class labels ``[n]``).
 
         ``solver`` and ``options`` go to the distiller's sampler (``None`` = its default); an
         option the method does not take is a :class:`~flowdistill.errors.ConfigError` naming
@@ -233,18 +243,59 @@ class LoadedRun:
             raise ConfigError(f"n and nfe must be positive, got n={n}, nfe={nfe}")
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(n, *sample_shape_of(self.cfg.data), generator=g).to(device)
+        if cond is not None:
+            cond = cond.to(device)
         return self.distiller.sample(noise, nfe, cond=cond, model=self.student.to(device), solver=solver,
                                      **options)
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Load ``run_dir``'s config and exported student."""
+def _model_dir_config(path: Path, model: nn.Module, data: Any = None) -> JobConfig:
+    """The config a saved model directory is sampled with: its ``train_config.yaml`` when one lies
+    beside the weights (a shipped teacher), else flow matching (or the distiller its
+    ``flowdistill.json`` names) on ``data`` (default: the dataset ``flowdistill.json`` names, at the
+    net's ``sample_size``)."""
+    shipped = path / "train_config.yaml"
+    if shipped.is_file():
+        return load_config(shipped, [f"out_dir={path}"])
+    meta = read_meta(path)
+    over = [f"out_dir={path}", f"distiller.name={meta.get('distiller', 'flow_matching')}"]
+    name = next((n for n in MODELS.names() if MODELS.get(n) is type(model)), None)
+    if name is not None:
+        over.append(f"model.name={name}")
+    conf = getattr(model, "config", None) or {}
+    if data is not None:
+        over += [f"data.name={data.name}", f"data.image_size={data.image_size}"]
+    elif meta.get("data"):
+        over.append(f"data.name={meta['data']}")
+        if conf.get("sample_size"):
+            over.append(f"data.image_size={conf['sample_size']}")
+    return load_config(None, over)
+
+
+def load_run(run_dir: str | Path, data: Any = None) -> LoadedRun:
+    """Load a run, or a saved model directory, ready to sample.
+
+    ``run_dir`` is a run directory (its ``config.yaml`` and exported ``student/``), a run's
+    ``student/``, or a saved model directory (``config.json`` + weights): a shipped model with its
+    ``train_config.yaml`` beside it (``assets/digits_teacher``) is sampled as that training run; a
+    bare one as a flow-matching velocity field on ``data`` (a :class:`~flowdistill.config.DataSpec`;
+    default the dataset its ``flowdistill.json`` names). Anything else is a
+    :class:`~flowdistill.errors.CheckpointError` saying what is missing.
+    """
     run_dir = Path(run_dir)
+    if run_dir.name == "student" and not (run_dir / "config.yaml").is_file() \
+            and (run_dir.parent / "config.yaml").is_file():
+        run_dir = run_dir.parent
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (config.yaml missing)")
-    raw = OmegaConf.load(cfg_file)
-    cfg = load_config(cfg_file) if raw else None
+        if (run_dir / "config.json").is_file():
+            model = load_model_dir(run_dir)
+            cfg = _model_dir_config(run_dir, model, data)
+            distiller = DISTILLERS.get(cfg.distiller.name).for_inference(cfg.distiller, model)
+            return LoadedRun(cfg, model, distiller, run_dir, model_dir=True)
+        raise CheckpointError(f"{run_dir} is not a run directory (config.yaml missing) nor a saved model "
+                              f"directory (config.json missing)")
+    cfg = load_config(cfg_file)
     student_dir = run_dir / "student"
     if not student_dir.is_dir():
         raise CheckpointError(f"{run_dir} has no exported student (training unfinished?)")

@@ -20,7 +20,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -43,6 +43,66 @@ def _positive(s: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
     return v
+
+
+def _labels(s: str) -> list[int]:
+    """``--labels 0,3,7``: comma-separated non-negative class labels."""
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integer class labels, got {s!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"class labels must be non-negative integers, got {s!r}")
+    return vals
+
+
+def _label(s: str) -> list[int]:
+    """``--class N``: one non-negative class label (as a one-element list)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer class label, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"class labels are non-negative, got {v}")
+    return [v]
+
+
+class _SolverChoices(Sequence):
+    """``--solver`` choices: the registered ODE solvers and reflow's ``noise_reuse``, read when
+    argparse first needs them (so ``--version`` and the top-level ``--help`` do not import torch)."""
+
+    def _names(self) -> list[str]:
+        """The names, from the solver registry."""
+        from flowdistill.core.solvers import SOLVERS
+
+        return [*SOLVERS.names(), "noise_reuse"]  # noise_reuse: flowdistill.distillers.reflow.NOISE_REUSE
+
+    def __getitem__(self, i):  # type: ignore[override]
+        """The i-th name."""
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        """How many names."""
+        return len(self._names())
+
+
+def package_version() -> str:
+    """The installed distribution's version (``importlib.metadata``), else ``flowdistill.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flowdistill")
+    except PackageNotFoundError:
+        import flowdistill
+
+        return str(getattr(flowdistill, "__version__", "unknown"))
+
+
+def _is_main_process() -> bool:
+    """True in the main process of a multi-process launch (and in a single process)."""
+    from accelerate import PartialState
+
+    return bool(PartialState().is_main_process)
 
 
 def _is_path(spec: str) -> bool:
@@ -118,7 +178,8 @@ def _cmd_train(args: argparse.Namespace, default_distiller: str) -> None:
         raise FlowDistillError("train-teacher trains flow_matching; use `flowdistill distill` for "
                                f"distiller {cfg.distiller.name!r}")
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"run written to {run_dir}")
+    if _is_main_process():  # one line per launch, not one per process
+        print(f"run written to {run_dir}")
 
 
 def _cmd_couple(args: argparse.Namespace) -> None:
@@ -133,49 +194,132 @@ def _cmd_couple(args: argparse.Namespace) -> None:
 
         check_output_dir(cfg.distiller.couplings, "distiller.couplings")
     root = couple_job(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"couplings written to {root}")
+    if _is_main_process():
+        print(f"couplings written to {root}")
+
+
+#: Placeholder for a missing ``out_dir`` while ``config show`` resolves a config.
+_UNSET_OUT_DIR = "__flowdistill_unset_out_dir__"
+
+
+def _cmd_config_show(args: argparse.Namespace) -> None:
+    """Print the resolved config (file + overrides + every default) as YAML."""
+    from flowdistill.config import load_config, read_yaml_file, to_yaml
+
+    if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None
+    raw = read_yaml_file(args.config) if args.config is not None else {}
+    has_out = any(o.split("=", 1)[0].strip() == "out_dir" for o in args.overrides) or \
+        (hasattr(raw, "get") and raw.get("out_dir", None) not in (None, "???"))
+    extra = [] if has_out else [f"out_dir={_UNSET_OUT_DIR}"]  # shown as ??? (required to train)
+    cfg = load_config(args.config, [*extra, *args.overrides], default_distiller="flow_matching")
+    text = to_yaml(cfg)
+    if not has_out:
+        text = text.replace(f"out_dir: {_UNSET_OUT_DIR}", "out_dir: ???  # required: out_dir=DIR")
+    print(text, end="" if text.endswith("\n") else "\n")
+
+
+def _save_image(x, path: Path) -> None:
+    """One image ``[C, H, W]`` in [-1, 1] (C = 1 or 3) as a PNG at its own resolution."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else np.ascontiguousarray(arr)).save(path)
+
+
+def _grid(x, path: Path) -> None:
+    """All of ``x`` ``[N, C, H, W]`` tiled into one PNG (pixels enlarged up to 4x, the grid kept
+    near 2048 px wide)."""
+    import math
+
+    from flowdistill.eval.plots import image_grid
+
+    ncol = max(1, math.ceil(math.sqrt(x.shape[0])))
+    scale = max(1, min(4, 2048 // (ncol * (x.shape[-1] + 1))))
+    image_grid(x, path, nrow=ncol, scale=scale)
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    import torch
+    """Sample a run (or a saved model directory) and write the samples (see ``sample --help``)."""
+    import re
 
     from flowdistill.api import load_run
+    from flowdistill.data.registry import sample_shape_of
     from flowdistill.eval.plots import scatter_grid
+    from flowdistill.eval.run_eval import class_labels_for
     from flowdistill.runs import check_output_dir
 
     out = Path(args.out)
-    if out.suffix not in (".png", ".safetensors"):
-        raise FlowDistillError(f"--out must end in .png or .safetensors, got {out.name}")
-    if out.is_dir():
-        raise FlowDistillError(f"--out {out} is a directory; give a file name ending in {out.suffix}")
-    check_output_dir(out.parent, "--out directory")
+    to_dir = out.suffix == "" or (out.is_dir() and out.suffix not in (".png", ".safetensors"))
+    if not to_dir and out.suffix not in (".png", ".safetensors"):
+        raise FlowDistillError(f"--out must end in .png or .safetensors, or be a directory (no suffix), "
+                               f"got {out.name}")
+    if to_dir:
+        check_output_dir(out, "--out")
+    else:
+        if out.is_dir():
+            raise FlowDistillError(f"--out {out} is a directory; give a file name ending in {out.suffix}")
+        check_output_dir(out.parent, "--out directory")
     run = load_run(args.run_dir)
-    x = run.sample(args.n, args.nfe, seed=args.seed, solver=args.solver)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png":
-        if x.ndim == 2:
-            scatter_grid({f"NFE {args.nfe}": x}, out)
+    shape = tuple(sample_shape_of(run.cfg.data))
+    image = len(shape) == 3
+    if image and (to_dir or out.suffix == ".png") and shape[0] not in (1, 3):
+        raise FlowDistillError(f"samples of shape {list(shape)} ({shape[0]} channels) cannot be written as "
+                               f"PNG images; use --out FILE.safetensors")
+    n = args.n if args.n is not None else (64 if image else 2000)
+    cond = class_labels_for(run, args.labels, n)
+    x = run.sample(n, args.nfe, seed=args.seed, cond=cond, solver=args.solver)
+    title = f"NFE {args.nfe}" + (f", class {args.labels[0]}" if args.labels and len(args.labels) == 1 else "")
+    if to_dir:
+        out.mkdir(parents=True, exist_ok=True)
+        if image:
+            for old in out.iterdir():  # an earlier, larger --n must not leave extra samples behind
+                if re.fullmatch(r"sample_\d+\.png", old.name) and old.is_file():
+                    old.unlink()
+            width = max(5, len(str(n - 1)))
+            for i in range(n):
+                _save_image(x[i], out / f"sample_{i:0{width}d}.png")
+            _grid(x, out / "grid.png")
+            written = f"{out} ({n} PNGs sample_*.png and grid.png)"
         else:
-            from flowdistill.eval.plots import image_grid
+            from safetensors.torch import save_file
 
-            image_grid(x[:64], out)
-    elif out.suffix == ".safetensors":
-        from safetensors.torch import save_file
+            save_file({"samples": x.contiguous()}, str(out / "samples.safetensors"))
+            scatter_grid({title: x}, out / "scatter.png")
+            written = f"{out} (samples.safetensors and scatter.png)"
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".png":
+            if image:
+                _grid(x, out)
+            else:
+                scatter_grid({title: x}, out)
+        else:
+            from safetensors.torch import save_file
 
-        save_file({"samples": x.contiguous()}, str(out))
-    print(f"{x.shape[0]} samples at NFE {args.nfe} written to {out}")
-    del torch
+            save_file({"samples": x.contiguous()}, str(out))
+        written = str(out)
+    print(f"{x.shape[0]} samples at NFE {args.nfe} written to {written}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    """NFE sweep of a run (or a saved model directory); settings default to its ``eval:`` section."""
     from flowdistill.api import load_run
     from flowdistill.eval.run_eval import evaluate_run
     from flowdistill.runs import check_output_dir
 
     run = load_run(args.run_dir)
-    out = Path(args.out) if args.out else run.run_dir / "eval"
+    if args.out:
+        out = Path(args.out)
+    else:  # a run keeps its eval; a shipped model directory is left as it is
+        out = Path(f"{run.run_dir.resolve().name}_eval") if run.model_dir else run.run_dir / "eval"
     check_output_dir(out, "--out")
-    md = evaluate_run(run, args.nfe, args.n, out, seed=args.seed, solver=args.solver)
+    md = evaluate_run(run, args.nfe, args.n, out, seed=args.seed, solver=args.solver,
+                      labels=args.labels, inception_weights=args.inception_weights,
+                      cache_dir=out / "fid_cache" if run.model_dir else None)
     print(md)
     print(f"tables and plots written to {out}")
 
@@ -210,31 +354,80 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+DESCRIPTION = (
+    "flowdistill distils a slow flow-matching or diffusion teacher (tens to hundreds of network "
+    "evaluations per sample) into a few-step student (1-8 evaluations), and trains, samples, "
+    "evaluates and exports the runs. Jobs are YAML configs with key=value overrides."
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default appended, except where there is none to show (``None``,
+    an off switch, an empty list) or the help text states it itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        """The help text, with ``(default: ...)`` where a default means something."""
+        text = action.help or ""
+        d = action.default
+        if d is None or d is False or d == [] or d is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump)."""
+    """argparse with one-line errors (no usage dump) and defaults shown in ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        """As ``ArgumentParser``, with :class:`_HelpFormatter` unless another is given."""
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         """Print ``error: ...`` and exit 2."""
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
+def _add_labels(sp: argparse.ArgumentParser) -> None:
+    """``--class N`` / ``--labels A,B,...`` (exclusive) for class-conditional runs."""
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--class", dest="labels", type=_label, default=None, metavar="N",
+                   help="draw every sample from class N (class-conditional runs; default: unconditional)")
+    g.add_argument("--labels", dest="labels", type=_labels, default=None, metavar="A,B,...",
+                   help="class labels taken in turn by the samples (default: unconditional)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per job)."""
-    p = _Parser(prog="flowdistill", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = _Parser(prog="flowdistill", description=DESCRIPTION,
+                epilog="`flowdistill COMMAND --help` lists a command's options and their defaults.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     plugin = argparse.ArgumentParser(add_help=False)
     plugin.add_argument("--plugin", action="append", default=None, metavar="MODULE",
                         help="import MODULE (a module name or a path to a .py file) before the config is "
                              "read, so the datasets, models and distillers it registers can be named "
                              "there; repeatable")
+    solvers = _SolverChoices()
 
-    for name, helptext in (("train-teacher", "train a flow-matching teacher"),
-                           ("distill", "distil a teacher into a few-step student")):
-        sp = sub.add_parser(name, parents=[plugin], help=helptext)
-        sp.add_argument("config", nargs="?", help="YAML config (configs/*.yaml)")
+    for name, helptext, dist in (("train-teacher", "train a flow-matching teacher", "flow_matching"),
+                                 ("distill", "distil a teacher into a few-step student", "freeflow")):
+        sp = sub.add_parser(name, parents=[plugin], help=helptext, description=helptext +
+                            f" (distiller.name defaults to {dist} unless the config names one)")
+        sp.add_argument("config", nargs="?", help="YAML config (configs/*.yaml); optional")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
         sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
         sp.add_argument("--overwrite", action="store_true", help="replace a run in out_dir")
+
+    sp = sub.add_parser("config", help="show a job config resolved with every default",
+                        description="Work with job configs.")
+    csub = sp.add_subparsers(dest="config_command", required=True, parser_class=_Parser, metavar="ACTION")
+    show = csub.add_parser(
+        "show", parents=[plugin], help="print the resolved config (YAML) with every default",
+        description="Print CONFIG with the overrides applied and every default filled in, as YAML — "
+                    "what train-teacher / distill would run (distiller.name defaults to flow_matching "
+                    "unless the config names one). A missing out_dir is shown as ???.")
+    show.add_argument("config", nargs="?", help="YAML config; optional")
+    show.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distiller.name=freeflow")
 
     sp = sub.add_parser("couple", parents=[plugin],
                         help="generate teacher couplings for reflow / InstaFlow (sharded)")
@@ -250,26 +443,48 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reflow.train.steps=500")
     sp.add_argument("--no-report", action="store_true", help="skip OUT_DIR/report.md")
 
-    sp = sub.add_parser("sample", parents=[plugin], help="sample a trained run")
-    sp.add_argument("run_dir")
-    sp.add_argument("--nfe", type=_positive, default=1)
-    sp.add_argument("--n", type=_positive, default=2000)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--solver", default=None, help="override the run's sampler (velocity students)")
-    sp.add_argument("--out", default="samples.png", help=".png or .safetensors")
+    run_help = ("a run directory, or a saved model directory (config.json + weights, e.g. "
+                "assets/digits_teacher, with its train_config.yaml beside)")
+    sp = sub.add_parser("sample", parents=[plugin], help="sample a trained run or a saved model",
+                        description="Draw N samples from a run's student (or a saved model) and write them.")
+    sp.add_argument("run_dir", metavar="RUN", help=run_help)
+    sp.add_argument("--nfe", type=_positive, default=1, help="network evaluations per sample")
+    sp.add_argument("--n", type=_positive, default=None,
+                    help="number of samples (default: 64 for images, 2000 for 2-D data)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    sp.add_argument("--solver", default=None, choices=solvers, metavar="SOLVER",
+                    help="ODE solver for velocity students, one of: %(choices)s "
+                         "(default: the run's distiller.sample_solver)")
+    _add_labels(sp)
+    sp.add_argument("--out", default="samples.png",
+                    help="FILE.png (an image grid of all N, or a scatter plot for 2-D data), "
+                         "FILE.safetensors (the tensor), or a directory (no suffix): one PNG per sample "
+                         "(sample_NNNNN.png, replacing earlier ones) plus grid.png for images, "
+                         "samples.safetensors plus scatter.png for 2-D data")
 
-    sp = sub.add_parser("eval", parents=[plugin], help="evaluate a run at several NFE")
-    sp.add_argument("run_dir")
-    sp.add_argument("--nfe", type=_nfe_list, default=[1, 2, 4, 8])
-    sp.add_argument("--n", type=_positive, default=4000)
-    sp.add_argument("--seed", type=int, default=1234)
-    sp.add_argument("--solver", default=None)
-    sp.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval)")
+    sp = sub.add_parser("eval", parents=[plugin], help="evaluate a run or a saved model at several NFE",
+                        description="NFE sweep: sliced W2 / energy distance on toy data, FID/KID on images, "
+                                    "each with its data floor. Settings not given come from the run's "
+                                    "eval: section (config.yaml); an NFE the solver cannot spend exactly "
+                                    "is skipped with a note.")
+    sp.add_argument("run_dir", metavar="RUN", help=run_help)
+    sp.add_argument("--nfe", type=_nfe_list, default=None, help="comma-separated NFEs (default: eval.nfe)")
+    sp.add_argument("--n", type=_positive, default=None, help="samples per NFE (default: eval.n_samples)")
+    sp.add_argument("--seed", type=int, default=None, help="evaluation seed (default: eval.seed)")
+    sp.add_argument("--solver", default=None, choices=solvers, metavar="SOLVER",
+                    help="ODE solver for velocity students, one of: %(choices)s (default: eval.solver)")
+    _add_labels(sp)
+    sp.add_argument("--inception-weights", default=None, metavar="PATH",
+                    help="local Inception-v3 weights file (.pth or .safetensors) for datasets scored with "
+                         "Inception features (default: torch hub's cached copy; nothing is downloaded)")
+    sp.add_argument("--out", default=None,
+                    help="output directory (default: RUN/eval; NAME_eval in the current directory for a "
+                         "saved model directory)")
 
     sp = sub.add_parser("export", parents=[plugin],
                         help="export a run's student as a diffusers pipeline directory")
-    sp.add_argument("run_dir")
-    sp.add_argument("out_dir")
+    sp.add_argument("run_dir", metavar="RUN", help="a run directory")
+    sp.add_argument("out_dir", metavar="OUT_DIR", help="the pipeline directory to write")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
     sp = sub.add_parser("demo", parents=[plugin], help="the default job on a built-in problem")
@@ -306,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_train(args, "flow_matching")
         elif args.command == "distill":
             _cmd_train(args, "freeflow")
+        elif args.command == "config":
+            _cmd_config_show(args)
         elif args.command == "couple":
             _cmd_couple(args)
         elif args.command == "reflow":

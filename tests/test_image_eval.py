@@ -103,7 +103,8 @@ def test_sweep_is_seeded(run_dir, tmp_path):
 
 def test_cli_eval_on_digits_run(run_dir, tmp_path, capsys):
     """``flowdistill eval RUN --solver heun --nfe 4 --n 40`` prints the table and writes its files;
-    an NFE heun cannot spend is a one-line error (status 2) before anything is sampled."""
+    an NFE heun cannot spend is skipped with a note, and when none is left it is a one-line error
+    (status 2) before anything is sampled."""
     from flowdistill.cli import main
 
     out = tmp_path / "cli_eval"
@@ -112,8 +113,13 @@ def test_cli_eval_on_digits_run(run_dir, tmp_path, capsys):
     rows = json.loads((out / "sweep_heun.json").read_text())
     assert rows[0]["n"] == 40 and rows[0]["nfe"] == 4
     assert (out / "grid_heun_nfe4.png").is_file()
+    some = tmp_path / "some"
+    assert main(["eval", str(run_dir), "--solver", "heun", "--nfe", "2,3", "--n", "40",
+                 "--out", str(some)]) == 0
+    assert "NFE 3 skipped" in capsys.readouterr().out
+    assert [r["nfe"] for r in json.loads((some / "sweep_heun.json").read_text())] == [2]
     bad = tmp_path / "bad"
-    assert main(["eval", str(run_dir), "--solver", "heun", "--nfe", "2,3", "--out", str(bad)]) == 2
+    assert main(["eval", str(run_dir), "--solver", "heun", "--nfe", "1,3", "--out", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "multiple" in err and len(err.strip().splitlines()) == 1
     assert not bad.exists()

@@ -43,7 +43,7 @@ from flowdistill.config import DataSpec, JobConfig, load_config
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.couplings.generation import generate_couplings
 from flowdistill.data.couplings import MANIFEST, read_manifest
-from flowdistill.errors import CheckpointError, ConfigError, FlowDistillError
+from flowdistill.errors import ConfigError, FlowDistillError
 from flowdistill.runs import atomic_write_text, holds_run, read_meta
 
 STAGES = {"reflow": ("reflow", "2rf"), "instaflow": ("instaflow", "instaflow")}  # section: (distiller, dir)
@@ -215,28 +215,10 @@ def load_teacher_run(path: str | Path, data: DataSpec | None = None) -> LoadedRu
 
     ``path`` is a run directory, a run's ``student/``, or a saved model directory: a shipped
     teacher with its ``train_config.yaml`` beside it (``assets/digits_teacher``), or a bare one,
-    which is sampled as a flow-matching velocity field on ``data`` (Euler).
+    which is sampled as a flow-matching velocity field on ``data`` (Euler). The same as
+    :func:`flowdistill.api.load_run`, whose error names what ``path`` lacks.
     """
-    from flowdistill.distillers import DISTILLERS
-    from flowdistill.models.loading import load_model_dir
-
-    p = Path(path)
-    if (p / "config.yaml").is_file():
-        return load_run(p)
-    if p.name == "student" and (p.parent / "config.yaml").is_file():
-        return load_run(p.parent)
-    if not (p / "config.json").is_file():
-        raise CheckpointError(f"teacher {p} is neither a run directory nor a saved model directory")
-    shipped = p / "train_config.yaml"
-    if shipped.is_file():
-        cfg = load_config(shipped, [f"out_dir={p}"])
-    else:
-        over = [f"out_dir={p}", "distiller.name=flow_matching"]
-        if data is not None:
-            over += [f"data.name={data.name}", f"data.image_size={data.image_size}"]
-        cfg = load_config(None, over)
-    model = load_model_dir(p)
-    return LoadedRun(cfg, model, DISTILLERS.get(cfg.distiller.name).for_inference(cfg.distiller, model), p)
+    return load_run(path, data)
 
 
 def pipeline_rows(runs: dict[str, Path], steps: int, dataset: str | DataSpec, n: int = 4000,

@@ -77,13 +77,15 @@ def _check_budgets(solver: str | None, nfes: list[int]) -> None:
 
 
 def evaluate_image_run(run, nfes: list[int], n: int, out_dir: Path, seed: int = 1234,
-                       solver: str | None = None) -> str:
+                       solver: str | None = None, cache_dir: Path | None = None, **fid_kw: Any) -> str:
     """Sweep a :class:`~flowdistill.api.LoadedRun` on images; writes tables, a plot and grids.
 
     ``n = min(n, len(reference))`` samples are compared with the first ``n`` reference images, and
     the floor uses ``n`` real training images (for digits the full protocol is n = 360). Files are
     ``sweep[_SOLVER].md/json``, ``fid_vs_nfe[_SOLVER].png`` and ``grid[_SOLVER]_nfeK.png``, so
-    sweeps with different ``solver`` values can share ``out_dir``.
+    sweeps with different ``solver`` values can share ``out_dir``. Reference features are cached in
+    ``cache_dir`` (default ``RUN_DIR/fid_cache``); ``fid_kw`` go to :func:`~flowdistill.eval.fid.compute_fid`
+    (e.g. ``inception_weights``).
     """
     from flowdistill.eval.plots import image_grid, metric_vs_nfe
 
@@ -97,9 +99,10 @@ def evaluate_image_run(run, nfes: list[int], n: int, out_dir: Path, seed: int = 
     tag = f"_{solver}" if solver else ""
     rows, samples = image_sweep({label: lambda k, nfe, s: run.sample(k, nfe, seed=s, solver=solver)},
                                 {label: nfes}, reference, floor_real, seed=seed,
-                                feature_extractor=extractor, cache_dir=run.run_dir / "fid_cache",
+                                feature_extractor=extractor,
+                                cache_dir=cache_dir if cache_dir is not None else run.run_dir / "fid_cache",
                                 reference_name=f"{ref_name}-n{n}",
-                                solver=solver or getattr(run.cfg.distiller, "sample_solver", ""))
+                                solver=solver or getattr(run.cfg.distiller, "sample_solver", ""), **fid_kw)
     md = write_table(rows, IMAGE_COLUMNS, out_dir, stem=f"sweep{tag}")
     for nfe, x in samples[label].items():
         image_grid(x[:64], out_dir / f"grid{tag}_nfe{nfe}.png")
