@@ -3,7 +3,7 @@
 1. take the flow-matching teacher: the shipped ``assets/checkerboard_teacher`` (a run directory
    trained by ``configs/teacher_checkerboard.yaml``, 3000 steps; see its README.md and
    ``scripts/train_checkerboard_teacher.py``), or train it from that config when
-   ``train_teacher=True`` or the asset is not there (a non-editable install has no ``assets/``);
+   ``train_teacher=True`` or the asset is not there (assets ship in the wheel: ``flowdistill.resources``);
 2. distil it data-free with FreeFlow into a few-step flow-map student
    (``configs/freeflow_checkerboard.yaml``, the benchmark's settings, with ``DISTILL_OVERRIDES``:
    half the steps at 1.5× the learning rate, see below);
@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-TEACHER_ASSET = Path(__file__).resolve().parents[1] / "assets" / "checkerboard_teacher"
+from flowdistill.resources import assets_dir, configs_dir
+
+CONFIG_DIR = configs_dir()
+TEACHER_ASSET = assets_dir() / "checkerboard_teacher"
 DISTILL_OVERRIDES = ["train.steps=1200", "train.lr=1.5e-3", "train.warmup_steps=25",
                      "distiller.correction_warmup=100"]
 TEACHER_NFE = [1, 2, 4, 8, 128]

@@ -13,6 +13,6 @@ python -m pytest -q tests/test_kernels.py tests/test_kernels_triton.py > "$OUT/k
 # 2. bandwidth / speed-up vs eager, graph-captured sampling
 python scripts/bench_kernels.py --json "$OUT/bench_kernels.json" > "$OUT/bench_kernels.md" 2>&1
 # 3. a GPU training step of the teacher and of a distiller
-python -m flowdistill.cli train-teacher flowdistill/configs/teacher_checkerboard.yaml \
+python -m flowdistill.cli train-teacher configs/teacher_checkerboard.yaml \
   out_dir="$OUT/teacher" train.steps=200 --overwrite > "$OUT/train_gpu.txt" 2>&1
 tail -n 3 "$OUT"/*.txt "$OUT"/*.md

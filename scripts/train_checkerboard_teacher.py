@@ -5,7 +5,7 @@ Usage::
     python scripts/train_checkerboard_teacher.py [--out-dir runs/teacher_checkerboard]
         [--asset-dir assets/checkerboard_teacher] [--overwrite] [key=value ...]
 
-Trains ``flowdistill/configs/teacher_checkerboard.yaml`` (plus any ``key=value`` overrides) with
+Trains ``configs/teacher_checkerboard.yaml`` (plus any ``key=value`` overrides) with
 :func:`flowdistill.api.train` and copies the run's ``config.yaml`` and exported ``student/``
 (safetensors, ``save_pretrained``) to the asset directory, so that the asset is itself a run
 directory: ``flowdistill.api.load_run`` loads it and ``teacher=assets/checkerboard_teacher`` names
@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "flowdistill" / "configs" / "teacher_checkerboard.yaml"
+CONFIG = REPO / "configs" / "teacher_checkerboard.yaml"
 MAX_BYTES = 5 * 1024 * 1024
 NFE = [1, 2, 4, 8, 128]
 EVAL_SEEDS = [1234, 1, 2, 3, 4]
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Checkerboard teacher (shipped)",
         "",
         f"The {cfg.model.name} flow-matching velocity field that `flowdistill demo` distils, trained by "
-        "`flowdistill/configs/teacher_checkerboard.yaml`. This directory is a run directory "
+        "`configs/teacher_checkerboard.yaml`. This directory is a run directory "
         "(`config.yaml` + `student/`, safetensors via `save_pretrained`): "
         "`flowdistill.api.load_run('assets/checkerboard_teacher')` loads it, "
         "`teacher=assets/checkerboard_teacher` names it as a teacher, and "

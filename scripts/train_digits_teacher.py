@@ -5,7 +5,7 @@ Usage::
     OMP_NUM_THREADS=1 python scripts/train_digits_teacher.py [--config PATH] [--out-dir runs/teacher_digits]
         [--asset-dir assets/digits_teacher] [--overwrite] [--no-eval] [key=value ...]
 
-Trains ``flowdistill/configs/teacher_digits.yaml`` (plus any ``key=value`` overrides) with
+Trains ``configs/teacher_digits.yaml`` (plus any ``key=value`` overrides) with
 :func:`flowdistill.api.train`, then copies the exported ``run_dir/student`` (safetensors, written by
 ``save_pretrained``) to the asset directory, refusing if it is 10 MB or more. Unless ``--no-eval``,
 it measures the NFE sweep of DESIGN §7 (digits-classifier FID/KID against the 360 test images, with
@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "flowdistill" / "configs" / "teacher_digits.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "teacher_digits.yaml"
 MAX_BYTES = 10 * 1024 * 1024
 EULER_NFE = [1, 2, 4, 8, 32]
 HEUN_NFE = [128]

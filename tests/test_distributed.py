@@ -105,7 +105,7 @@ def test_two_process_freeflow_two_optimisers_match_one(tmp_path):
     teacher = tmp_path / "teacher"
     train(load_config(None, [f"out_dir={teacher}", *TINY_TEACHER, "train.steps=60", "train.ckpt_every=0",
                              "train.trackers=none"]))
-    cfg = "flowdistill/configs/freeflow_checkerboard.yaml"
+    cfg = "configs/freeflow_checkerboard.yaml"
     args = ["--config", cfg, "--distiller", "freeflow", f"teacher={teacher}", "train.batch_size=64",
             "train.steps=6", "train.ckpt_every=3", "train.warmup_steps=0", "train.cpu=true",
             "train.trackers=none", "distiller.correction_warmup=2", "distiller.fake_repeats=2",

@@ -14,7 +14,7 @@ from flowdistill.couplings.pipeline import load_pipeline, load_teacher_run, pipe
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "assets" / "digits_teacher"
-CONFIG = REPO / "flowdistill" / "configs" / "reflow_digits.yaml"
+CONFIG = REPO / "configs" / "reflow_digits.yaml"
 
 
 def tiny_overrides(out: Path) -> list[str]:

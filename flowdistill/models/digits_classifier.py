@@ -28,10 +28,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
+from flowdistill.resources import assets_dir
+
 INTERNAL_SIZE = 16
 FEATURE_DIM = 64
 NUM_CLASSES = 10
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "assets" / "digits_classifier.safetensors"
+DEFAULT_WEIGHTS = assets_dir() / "digits_classifier.safetensors"  # shipped (flowdistill.resources)
 
 
 class DigitsClassifier(nn.Module):
