@@ -7,7 +7,7 @@
 
     couple(teacher) → reflow (2-rectified flow) → couple(2-RF) → instaflow (1- or k-step student)
 
-    python -m flowdistill.couplings.pipeline flowdistill/configs/reflow_checkerboard.yaml \\
+    python -m flowdistill.couplings.pipeline configs/reflow_checkerboard.yaml \\
         teacher=runs/teacher_checkerboard out_dir=runs/reflow_checkerboard [reflow.train.steps=...]
 
 A pipeline file has the top-level keys of a job (``out_dir``, ``teacher``, ``model``, ``data``,
@@ -22,7 +22,7 @@ interrupted one continues from its newest checkpoint. The driver ends with a tab
 (toy targets) or FID with digits-classifier features (digits, n = 360; Inception for image
 folders), and ``OUT_DIR/timings.json`` keeps the wall time of every coupling and training step
 that ran. The teacher may be a run directory, its ``student/``, or a shipped model directory such
-as ``assets/digits_teacher`` (config: ``flowdistill/configs/reflow_digits.yaml``).
+as ``assets/digits_teacher`` (config: ``configs/reflow_digits.yaml``).
 """
 
 from __future__ import annotations
