@@ -17,6 +17,8 @@ TEST_THREADS = int(os.environ.get("FLOWDISTILL_TEST_THREADS", "1"))
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(TEST_THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# train.mixed_precision defaults to accelerate's own setting: tests train in the precision they name
+os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402

@@ -2,7 +2,8 @@
 
 Layout of ``checkpoints/step-NNNNNNN/``: ``model.safetensors`` (trainable state of the
 distiller, frozen teacher excluded), ``ema.safetensors`` (optional), ``optim-<group>.pt``
-(optimizer state, loaded with ``weights_only=True``), ``state.json`` (step and bookkeeping).
+(optimizer state, loaded with ``weights_only=True``), ``state.json`` (step and bookkeeping: the
+run's training time ``elapsed_s`` so far, which a resumed run continues from, and the precision).
 A directory named ``step-*`` exists only once complete, so a kill during a write never leaves
 a checkpoint that resume picks up.
 """
@@ -71,13 +72,23 @@ def save_checkpoint(
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     if keep is not None and keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Remove a checkpoint directory so that a kill never leaves a partial ``step-*``: rename it to a
+    temporary name first (atomic), then delete (a kill mid-delete leaves a ``.tmp-*`` that
+    :func:`clean_temporaries` removes on resume)."""
+    trash = path.with_name(f".tmp-old-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def clean_temporaries(ckpt_root: Path) -> list[Path]:

@@ -13,6 +13,7 @@ code for one process, DDP and FSDP.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -23,17 +24,62 @@ from flowdistill.errors import ConfigError
 
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 PRECISIONS = ("no", "bf16", "fp16")
+#: What ``train.mixed_precision`` may say: a precision, or ``auto`` (accelerate's own setting).
+CONFIG_PRECISIONS = ("auto", *PRECISIONS)
+#: The variable ``accelerate launch`` sets from ``--mixed_precision`` or the ``accelerate config`` file.
+ACCELERATE_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+
+
+def normalize_precision(value: object) -> str:
+    """``train.mixed_precision`` as written: YAML reads an unquoted ``no`` as false (``False``,
+    stored as the string ``"False"``), which means ``no``."""
+    text = str(value).strip()
+    return "no" if text.lower() in ("false", "no") else text
+
+
+def resolve_mixed_precision(requested: str) -> tuple[str, str]:
+    """The precision to train in and where it came from: ``(precision, "train.mixed_precision")``.
+
+    An explicit ``no``/``bf16``/``fp16`` wins. ``auto`` (the config default) takes the user's
+    accelerate setting — :data:`ACCELERATE_PRECISION_ENV`, which ``accelerate launch`` sets from
+    ``--mixed_precision`` or from the file ``accelerate config`` wrote — and ``no`` when it is unset.
+    A setting flowdistill does not train in (e.g. ``fp8``) is a :class:`ConfigError`.
+    """
+    requested = normalize_precision(requested)
+    if requested not in CONFIG_PRECISIONS:
+        raise ConfigError(f"train.mixed_precision must be one of {', '.join(CONFIG_PRECISIONS)}, "
+                          f"got {requested!r}")
+    if requested != "auto":
+        return requested, "train.mixed_precision"
+    env = os.environ.get(ACCELERATE_PRECISION_ENV, "").strip().lower()
+    if not env:
+        return "no", "default"
+    if env not in PRECISIONS:
+        raise ConfigError(f"{ACCELERATE_PRECISION_ENV}={env} (accelerate's mixed precision) is not one of "
+                          f"{', '.join(PRECISIONS)}; set train.mixed_precision explicitly")
+    return env, ACCELERATE_PRECISION_ENV
+
+
+def check_precision_device(precision: str, origin: str, cpu: bool) -> None:
+    """fp16 trains only on CUDA: on the CPU accelerate neither casts to fp16 nor scales the loss, so
+    the run would silently be fp32. ``origin`` (from :func:`resolve_mixed_precision`) is named."""
+    if precision == "fp16" and (cpu or not torch.cuda.is_available()):
+        where = "" if origin == "train.mixed_precision" else f" ({origin}=fp16, train.mixed_precision=auto)"
+        raise ConfigError(f"train.mixed_precision=fp16 needs CUDA{where}: on the CPU accelerate neither "
+                          "casts to fp16 nor scales the loss (it would silently train in fp32): use bf16/no")
 
 
 def build_accelerator(cpu: bool, mixed_precision: str, distributed: str, log_with: list[str] | None = None,
                       project_dir: str | None = None) -> Accelerator:
-    """An Accelerator for ``distributed`` (``auto``/``ddp``: DDP when launched on several processes)."""
+    """An Accelerator for ``distributed`` (``auto``/``ddp``: DDP when launched on several processes).
+
+    ``mixed_precision`` is ``train.mixed_precision``; ``auto`` follows accelerate's own setting
+    (:func:`resolve_mixed_precision`)."""
     if distributed not in DISTRIBUTED:
         raise ConfigError(f"train.distributed must be one of {', '.join(DISTRIBUTED)}, got {distributed!r}")
+    mixed_precision, origin = resolve_mixed_precision(mixed_precision)
+    check_precision_device(mixed_precision, origin, cpu)
     on_cuda = not cpu and torch.cuda.is_available()
-    if mixed_precision == "fp16" and not on_cuda:
-        raise ConfigError("train.mixed_precision=fp16 needs CUDA: on the CPU accelerate neither casts to "
-                          "fp16 nor scales the loss (it would silently train in fp32); use bf16 or no")
     kw = {}
     if distributed == "fsdp" and on_cuda:
         from accelerate import FullyShardedDataParallelPlugin

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch import nn
@@ -51,7 +53,10 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 scales the loss)
+    # auto (accelerate's setting: ACCELERATE_MIXED_PRECISION, set by `accelerate launch`, else no;
+    # validate() replaces it by the precision it resolves to, so config.yaml records what the run
+    # trains in) | no | bf16 | fp16 (fp16 scales the loss, CUDA only); an explicit value wins
+    mixed_precision: str = "auto"
     distributed: str = "auto"  # auto | ddp | fsdp (how several processes share the nets)
     num_workers: int = 0  # DataLoader workers for data-based methods
     seed: int = 0
@@ -63,15 +68,16 @@ class TrainConfig:
     cpu: bool = False
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for values that cannot work."""
+        """Raise :class:`ConfigError` for values that cannot work; resolve ``mixed_precision=auto``."""
         for key in ("steps", "batch_size", "grad_accum", "lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
-        if self.mixed_precision not in engine.PRECISIONS:
-            raise ConfigError(f"train.mixed_precision must be one of {', '.join(engine.PRECISIONS)}, "
-                              f"got {self.mixed_precision!r}")
+        # "auto" -> accelerate's setting (or "no"), so the saved config says what the run trains in
+        self.mixed_precision, origin = engine.resolve_mixed_precision(self.mixed_precision)
+        if origin == engine.ACCELERATE_PRECISION_ENV:
+            engine.check_precision_device(self.mixed_precision, origin, self.cpu)
         if self.distributed not in engine.DISTRIBUTED:
             raise ConfigError(f"train.distributed must be one of {', '.join(engine.DISTRIBUTED)}, "
                               f"got {self.distributed!r}")
@@ -91,6 +97,22 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return f
 
 
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False
+
+
+def _progress_line(stream: TextIO, step: int, steps: int, logs: dict[str, float], done: int,
+                   seconds: float, elapsed: float) -> None:
+    """One plain progress line (what a non-terminal gets instead of tqdm's ``\\r`` updates)."""
+    rate = f"{done / seconds:.3g} it/s" if seconds > 0 and done > 0 else "- it/s"
+    vals = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+    print(f"train {step}/{steps} ({100 * step / steps:.0f}%) {vals} [{rate}, elapsed {elapsed:.1f}s]",
+          file=stream, flush=True)
+
+
 class Trainer:
     """Drives a :class:`~flowdistill.distillers.base.Distiller` for ``cfg.steps`` steps."""
 
@@ -103,6 +125,8 @@ class Trainer:
         self.acc = accelerator or engine.build_accelerator(
             cfg.cpu, cfg.mixed_precision, cfg.distributed, log_with=self.trackers.log_with,
             project_dir=str(self.run_dir))
+        #: the precision the run trains in (``train.mixed_precision``, or accelerate's setting for auto)
+        self.mixed_precision = str(self.acc.mixed_precision)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if cfg.batch_size % self.world:
             raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by {self.world} processes")
@@ -138,6 +162,8 @@ class Trainer:
         self.optims = self.engine.optims
         self._group_nets = {g.name: [n for n in nets if self._owns(nets[n], g.params)] for g in self.groups}
         self.step = 0
+        self.elapsed_before = 0.0  # training seconds of the run before this process (from the checkpoint)
+        self._t0: float | None = None
         self.on_plot = on_plot
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         self._tracker_config = tracker_config or {}
@@ -184,7 +210,8 @@ class Trainer:
             save_checkpoint(self.ckpt_root, self.step, model, optim,
                             self.ema.state_dict() if self.ema is not None else None,
                             extra={"world": self.world, "batch_size": self.cfg.batch_size,
-                                   "grad_accum": self.cfg.grad_accum},
+                                   "grad_accum": self.cfg.grad_accum, "elapsed_s": round(self.elapsed(), 3),
+                                   "mixed_precision": self.mixed_precision},
                             keep=self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
 
@@ -192,12 +219,14 @@ class Trainer:
         """Load the newest complete checkpoint (or ``path``); returns its step (0 if none).
 
         Temporary directories of a killed checkpoint write are removed, and ``metrics.jsonl`` is
-        cut back to the step it restarts from (step 0 when no complete checkpoint exists).
+        cut back to the step it restarts from (step 0 when no complete checkpoint exists). The
+        run's training time so far (``elapsed_s``) continues from the checkpoint's.
         """
         path = path or latest_checkpoint(self.ckpt_root)
         if path is None:
             self._clean()
             self.step = 0
+            self.elapsed_before = 0.0
             self.log.truncate_after(0)
             self._batches = None
             return 0
@@ -218,6 +247,7 @@ class Trainer:
         if self.ema is not None and ck["ema"] is not None:
             self.ema.load_state_dict({k: v.to(self.acc.device) for k, v in ck["ema"].items()})
         self.step = ck["step"]
+        self.elapsed_before = float(ck["state"].get("elapsed_s", 0.0))  # 0 for checkpoints from before it
         self._clean()
         self.log.truncate_after(self.step)
         self._batches = None
@@ -321,13 +351,30 @@ class Trainer:
         t = self.acc.reduce(t, reduction="mean")
         return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
-    def fit(self) -> Trainer:
-        """Train until ``cfg.steps``, logging, plotting and checkpointing on schedule."""
+    def elapsed(self) -> float:
+        """Seconds of training in this run: this process's ``fit`` so far plus what the checkpoint it
+        resumed from had recorded (``metrics.jsonl``'s ``elapsed_s``)."""
+        return self.elapsed_before + (time.time() - self._t0 if self._t0 is not None else 0.0)
+
+    def fit(self, progress: TextIO | None = None) -> Trainer:
+        """Train until ``cfg.steps``, logging, plotting and checkpointing on schedule.
+
+        The run directory is created if it does not exist (``metrics.jsonl``, ``checkpoints/``).
+        Progress goes to ``progress`` (default ``sys.stderr``) on the main process: a tqdm bar when
+        it is a terminal, else one plain line every ``train.log_every`` steps (and at the end), so
+        a log file or pipe gets readable lines instead of one long line of ``\\r`` updates.
+        """
         cfg = self.cfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
         self.trackers.start(self.acc, self._tracker_config)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, desc="train",
-                   dynamic_ncols=True)
-        t0 = time.time()
+        stream = progress if progress is not None else sys.stderr
+        progress_bar = _isatty(stream)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.is_main and progress_bar),
+                   desc="train", dynamic_ncols=True, file=stream)
+        self._t0 = time.time()
+        first_step = self.step
         try:
             while self.step < cfg.steps:
                 logs = self.train_step()
@@ -335,10 +382,15 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     logs = self._reduce_logs(logs)
                     rec = {"step": self.step, "lr": self.groups[0].lr * lr_factor(self.step - 1, cfg),
-                           "elapsed_s": round(time.time() - t0, 3), **logs}
-                    self.log.write(rec)
+                           "elapsed_s": round(self.elapsed(), 3), **logs}
+                    rec = self.log.write(rec)  # every record with the same keys (None: not measured)
                     self.trackers.log(self.acc, rec, self.step)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "grad" not in k})
+                    shown = {k: v for k, v in logs.items() if "grad" not in k and v is not None}
+                    if progress_bar:
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+                    elif self.is_main:
+                        _progress_line(stream, self.step, cfg.steps, shown, self.step - first_step,
+                                       time.time() - self._t0, rec["elapsed_s"])
                 if cfg.ckpt_every and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
                     self.save()
                 if self.on_plot is not None and cfg.plot_every and self.step % cfg.plot_every == 0 \
@@ -349,6 +401,7 @@ class Trainer:
                         self.trackers.log_image(self.acc, "samples", image, self.step)
         finally:
             bar.close()  # an error's line then starts on its own line, not after the bar
+            self.elapsed_before, self._t0 = self.elapsed(), None
             self.trackers.end(self.acc)
         return self
 

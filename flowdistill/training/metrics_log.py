@@ -1,4 +1,10 @@
-"""Append-only JSON-lines metrics log that survives crashes and resumes."""
+"""Append-only JSON-lines metrics log that survives crashes and resumes.
+
+Every line of ``metrics.jsonl`` has the same keys, in the same order: a metric that a record
+does not measure (an optimiser group not due at that step, a loss term switched on later) is
+``null`` there. When a new metric first appears, the lines already written get it as ``null``
+(the file is rewritten through a temporary file and a rename, so a kill leaves either version).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,16 @@ class MetricsLog:
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self._keys: list[str] | None = None  # the file's keys, read from it on first use
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys every record of the file has (in order)."""
+        if self._keys is None:
+            self._keys = []
+            for rec in self.read():
+                self._keys += [k for k in rec if k not in self._keys]
+        return list(self._keys)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps beyond ``step`` (after a resume from that step)."""
@@ -28,15 +44,40 @@ class MetricsLog:
             if rec.get("step", 0) <= step:
                 keep.append(line)
         self.path.write_text("".join(k + "\n" for k in keep))
+        self._keys = None
 
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record."""
+    def _line(self, record: dict[str, Any]) -> str:
+        return json.dumps({k: record.get(k) for k in self.keys})
+
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append one record; returns it as written (every key of the file, ``None`` where unmeasured)."""
         if not self.enabled:
-            return
+            return dict(record)
+        keys = self.keys
+        new = [k for k in record if k not in keys]
+        if new:
+            self._keys = keys + new
+            old = self.read()
+            if old:  # earlier lines get the new keys as null
+                self._rewrite(old)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(self._line(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        return {k: record.get(k) for k in self._keys}
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w") as f:
+                f.write("".join(self._line(r) + "\n" for r in records))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def read(self) -> list[dict[str, Any]]:
         """All complete records."""
