@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from flowdistill.integrations.diffusers import FlowDistillPipeline, FlowDistillS
 from flowdistill.models import MLPFlowNet, UNetFlowNet
 from tests.helpers import TINY_TEACHER, cli
 
-FREEFLOW = Path(__file__).resolve().parents[1] / "flowdistill" / "configs" / "freeflow_checkerboard.yaml"
+FREEFLOW = Path(__file__).resolve().parents[1] / "configs" / "freeflow_checkerboard.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +147,47 @@ def test_image_student_output_types():
         pipe(output_type="latent")
     with pytest.raises(TypeError, match="FlowDistillScheduler"):
         FlowDistillPipeline(student=student, scheduler=None)
+
+
+def test_diffusion_pipeline_from_pretrained_and_model_card(runs, tmp_path):
+    """The generic ``DiffusionPipeline.from_pretrained`` loads an export (flowdistill imported, and
+    through the export's ``pipeline.py`` in a fresh interpreter that never imported flowdistill) and
+    samples exactly as the run's own sampler: the same float32 ops in the same order, so the bound
+    is float rounding (1e-6), as in the tests above. The model card names method, teacher, data,
+    steps and NFE."""
+    from diffusers import DiffusionPipeline
+
+    from flowdistill.data.couplings import file_sha256
+
+    out = export_run(runs["freeflow"], tmp_path / "pipe")
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe, FlowDistillPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    run = load_run(runs["freeflow"])
+    for n in (1, 2):
+        got = pipe(batch_size=16, num_inference_steps=n, generator=torch.Generator().manual_seed(3)).images
+        torch.testing.assert_close(got, run.sample(16, n, seed=3), atol=1e-6, rtol=0)
+
+    code = ("import sys, torch\n"
+            "from diffusers import DiffusionPipeline\n"
+            f"p = DiffusionPipeline.from_pretrained({str(out)!r}, custom_pipeline='pipeline', "
+            "trust_remote_code=True)\n"
+            "p.set_progress_bar_config(disable=True)\n"
+            "x = p(batch_size=16, num_inference_steps=1, generator=torch.Generator().manual_seed(3)).images\n"
+            f"torch.save({{'x': x, 'cls': type(p).__name__}}, {str(tmp_path / 'x.pt')!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert saved["cls"] == "FlowDistillPipeline"
+    torch.testing.assert_close(saved["x"], run.sample(16, 1, seed=3), atol=1e-6, rtol=0)
+
+    card = (out / "README.md").read_text()
+    teacher_weights = runs["teacher"] / "student" / "diffusion_pytorch_model.safetensors"
+    for needle in ("`freeflow`", "`checkerboard`", "| training steps | 10 ", "NFE 1, 2, 4",
+                   "recommended `num_inference_steps=1`", str((runs["teacher"] / "student").resolve()),
+                   file_sha256(teacher_weights), "DiffusionPipeline.from_pretrained"):
+        assert needle in card, needle
+    teacher_card = (export_run(runs["teacher"], tmp_path / "pipe_t") / "README.md").read_text()
+    assert "`flow_matching`" in teacher_card and "none (trained from data)" in teacher_card
+    assert "recommended `num_inference_steps=128`" in teacher_card

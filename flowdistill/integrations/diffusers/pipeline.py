@@ -5,7 +5,10 @@ Components: ``student`` (a flowdistill net, ``flowdistill.models.*``, ModelMixin
 ``save_pretrained`` writes ``model_index.json`` naming each component by module and class
 (``["flowdistill.models.mlp", "MLPFlowNet"]``); ``FlowDistillPipeline.from_pretrained(dir)``
 loads it offline — diffusers resolves those modules from ``sys.modules``, and importing this
-module imports them.
+module imports them. Importing this module also registers ``FlowDistillPipeline`` in the
+``diffusers`` namespace (:func:`register_with_diffusers`), where ``DiffusionPipeline.from_pretrained``
+looks up ``model_index.json``'s ``_class_name``, so the generic loader works too (see
+:mod:`flowdistill.integrations.diffusers.export` for loading without importing flowdistill).
 
 Sampling: ``N`` steps on the scheduler's grid ``1 = σ_0 > … > σ_N = 0``; at each step a two-time
 student (config ``two_time``) gives ``u(x, σ_i, σ_{i+1})`` and a one-time student ``v(x, σ_i)``,
@@ -128,3 +131,16 @@ class FlowDistillPipeline(DiffusionPipeline):
         if img.shape[-1] == 1:
             img = np.repeat(img, 3, axis=-1)
         return self.numpy_to_pil(img)
+
+
+def register_with_diffusers() -> None:
+    """Make ``diffusers.FlowDistillPipeline`` this class, so ``DiffusionPipeline.from_pretrained(DIR)``
+    resolves an exported directory's ``_class_name`` (diffusers looks pipeline classes up by name in
+    its own namespace and has no plugin registry). Idempotent; called when this module is imported."""
+    import diffusers
+
+    if getattr(diffusers, "FlowDistillPipeline", None) is not FlowDistillPipeline:
+        setattr(diffusers, "FlowDistillPipeline", FlowDistillPipeline)  # noqa: B010 (lazy module attribute)
+
+
+register_with_diffusers()
