@@ -11,6 +11,12 @@ Flags may stand anywhere among the ``key=value`` overrides (``distill CFG a=1 --
 ``--plugin MODULE`` (every sub-command, repeatable) imports a module by name or a ``.py`` file by
 path before the config is read, so the datasets, models and distillers it registers can be named
 in the config; configs themselves never import anything.
+
+``config show CONFIG [key=value ...]`` prints the config a job would run (every default filled
+in). ``sample`` and ``eval`` take a run directory or a saved model directory (``load_run``);
+``eval`` settings not given as flags come from the run's ``eval:`` section, and an NFE the solver
+cannot spend exactly is skipped with a note. ``--class N`` / ``--labels A,B`` condition a
+class-conditional run. ``--help`` of every command shows each option's default.
 """
 
 from __future__ import annotations
