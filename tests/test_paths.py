@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from flowdistill.core.paths import PATHS, CosinePath, DiscreteVPPath, LinearPath
+from flowdistill.core.paths import PATHS, CosinePath, LinearPath
 
 
 def _paths():
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    return [LinearPath(), CosinePath(), DiscreteVPPath(torch.cumprod(1 - betas, 0))]
+    return [LinearPath(), CosinePath()]
 
 
 @pytest.mark.parametrize("path", _paths(), ids=lambda p: p.name)
@@ -16,27 +15,16 @@ def test_boundaries(path):
     t0, t1 = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
     assert path.alpha(t0).item() == pytest.approx(1.0)
     assert path.sigma(t0).item() == pytest.approx(0.0)
-    if path.name != "vp":  # a discrete VP schedule ends slightly above α = 0
-        assert path.alpha(t1).item() == pytest.approx(0.0, abs=1e-12)
+    assert path.alpha(t1).item() == pytest.approx(0.0, abs=1e-12)
     assert path.sigma(t1).item() == pytest.approx(1.0, abs=1e-2)
 
 
-@pytest.mark.parametrize("path", _paths()[:2], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p.name)
 def test_derivatives_match_finite_differences(path):
     t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
     h = 1e-6
     assert torch.allclose(path.d_alpha(t), (path.alpha(t + h) - path.alpha(t - h)) / (2 * h), atol=1e-6)
     assert torch.allclose(path.d_sigma(t), (path.sigma(t + h) - path.sigma(t - h)) / (2 * h), atol=1e-6)
-
-
-def test_vp_derivative_is_slope_between_steps():
-    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 100, dtype=torch.float64), 0)
-    p = DiscreteVPPath(ac)
-    t = torch.tensor([0.255], dtype=torch.float64)  # inside one segment
-    h = 1e-7
-    assert torch.allclose(p.d_alpha(t), (p.alpha(t + h) - p.alpha(t - h)) / (2 * h), atol=1e-5)
-    k = torch.tensor([49])
-    assert p.alpha(p.timestep_to_t(k)).item() == pytest.approx(ac[49].sqrt().item())
 
 
 @pytest.mark.parametrize("path", _paths(), ids=lambda p: p.name)
@@ -71,9 +59,7 @@ def test_linear_target_is_eps_minus_x():
     assert torch.allclose(v, eps - x)
 
 
-def test_registry_and_bad_schedule():
+def test_registry():
     assert set(PATHS.names()) >= {"linear", "cosine"}
     with pytest.raises(KeyError, match="available: cosine, linear"):
         PATHS.get("nope")
-    with pytest.raises(ValueError):
-        DiscreteVPPath(torch.tensor([0.5, 1.5]))

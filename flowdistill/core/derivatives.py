@@ -1,11 +1,14 @@
 """Directional (time) derivatives of a network output: forward-mode JVP or finite differences.
 
 Several methods need ``d/dτ f(p + τ·d)`` at ``τ = 0`` for inputs ``p`` (state, times) and a
-tangent ``d`` (e.g. ``∂_s u(x, t, s)`` is the tangent ``(0, 0, 1)``). ``method="jvp"`` uses
-``torch.func.jvp`` on the *unwrapped* module (DDP wrappers are peeled off) under the math
-attention backend, since fused attention kernels have no forward-mode rule; ``method="fd"``
-uses a central difference with step ``h`` and no graph. Both return ``(f(p), derivative)``
-with the derivative detached.
+tangent ``d`` (e.g. ``∂_s u(x, t, s)`` is the tangent ``(0, 0, 1)``). ``method="jvp"`` runs
+``torch.func.jvp`` on ``fn`` under the math attention backend, since fused attention kernels have
+no forward-mode rule; ``method="fd"`` uses a central difference ``(f(p + h·d) − f(p − h·d))/(2h)``
+with no graph. Both return ``(f(p), derivative)`` with the derivative detached.
+
+``fn`` is a function, not a module, so this helper cannot peel wrappers itself: ``fn`` must call
+the *bare* module — a distiller's own attribute (``self.student``) or :func:`unwrap` of an engine
+wrapper — because JVP cannot pass DDP's hooks (nor a ``torch.compile`` wrapper).
 
 Under DDP the gradient must flow through the wrapper's own forward (that is where DDP hooks its
 all-reduce), while JVP needs the bare module: pass the wrapped call as ``forward`` and the bare
@@ -23,7 +26,8 @@ from torch import Tensor, nn
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """Peel DDP/compile wrappers (``.module`` / ``._orig_mod``)."""
+    """Peel DDP/compile wrappers (``.module`` / ``._orig_mod``): the bare module that a JVP's
+    ``fn`` calls (and whose state dict the engine saves)."""
     while True:
         if hasattr(module, "module") and isinstance(module.module, nn.Module):
             module = module.module

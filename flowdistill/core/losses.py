@@ -9,8 +9,6 @@ Perceptual premetrics (``perceptual``, ``lpips_huber``) take a frozen perceptual
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
 from flowdistill.core.broadcast import bcast
@@ -41,11 +39,6 @@ def pseudo_huber(pred: Tensor, target: Tensor, c: float | None = None, **_) -> T
     D = d.shape[1]
     c = 0.00054 * D if c is None else c
     return (d.pow(2).sum(dim=1) + c * c).sqrt().sub(c) / D
-
-
-def ict_huber_c(dim: int) -> float:
-    """iCT's pseudo-Huber constant ``0.00054·√D``."""
-    return 0.00054 * math.sqrt(dim)
 
 
 @PREMETRICS.register("perceptual")

@@ -6,6 +6,10 @@ time derivatives and the conversions between velocity, data (x0) and noise (ε) 
     v  = α'·x0 + σ'·ε
     x0 = (σ'·x_t − σ·v) / (σ'·α − σ·α')
     ε  = (α·v − α'·x_t) / (σ'·α − σ·α')
+
+A discrete DDPM/VP teacher is not a path here: its adapter
+(:class:`flowdistill.integrations.diffusers.adapters.DDPMUNetAdapter`) maps it onto the linear
+path exactly by the change of variables ``x_lin = x_vp/(α_k + σ_k)``, ``t = σ_k/(α_k + σ_k)``.
 """
 
 from __future__ import annotations
@@ -122,52 +126,6 @@ class CosinePath(AffinePath):
 
     def d_sigma(self, t: Tensor) -> Tensor:
         return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
-
-
-class DiscreteVPPath(AffinePath):
-    """Variance-preserving path of a discrete DDPM schedule.
-
-    Step ``k ∈ {0, …, K−1}`` sits at ``t = (k + 1)/K``; ``α = √ᾱ``, ``σ = √(1 − ᾱ)`` are linearly
-    interpolated in ``t`` between steps (with ``α(0) = 1, σ(0) = 0``), so derivatives are
-    piecewise constant. ``α(1) = √ᾱ_{K−1}`` is small but not zero, as in the trained teacher.
-    """
-
-    name = "vp"
-
-    def __init__(self, alphas_cumprod: Tensor):
-        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        if ac.ndim != 1 or ac.numel() < 2 or (ac <= 0).any() or (ac > 1).any():
-            raise ValueError("alphas_cumprod must be a 1-D tensor in (0, 1] with >= 2 entries")
-        self.K = ac.numel()
-        self._a = torch.cat([torch.ones(1, dtype=ac.dtype), ac.sqrt()])
-        self._s = torch.cat([torch.zeros(1, dtype=ac.dtype), (1 - ac).sqrt()])
-
-    def _interp(self, table: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        pos = t.double().clamp(0, 1) * self.K
-        i0 = pos.floor().long().clamp(max=self.K - 1)
-        frac = pos - i0
-        lo, hi = table[i0], table[i0 + 1]
-        return (lo + frac * (hi - lo)).to(t.dtype), ((hi - lo) * self.K).to(t.dtype)
-
-    def alpha(self, t: Tensor) -> Tensor:
-        return self._interp(self._a, t)[0]
-
-    def sigma(self, t: Tensor) -> Tensor:
-        return self._interp(self._s, t)[0]
-
-    def d_alpha(self, t: Tensor) -> Tensor:
-        return self._interp(self._a, t)[1]
-
-    def d_sigma(self, t: Tensor) -> Tensor:
-        return self._interp(self._s, t)[1]
-
-    def timestep_to_t(self, k: Tensor) -> Tensor:
-        """Discrete DDPM step index → our time ``t = (k + 1)/K``."""
-        return (k.double() + 1) / self.K
-
-    def t_to_timestep(self, t: Tensor) -> Tensor:
-        """Our time → (fractional) DDPM step index."""
-        return t.double() * self.K - 1
 
 
 PATHS: Registry = Registry("path")
