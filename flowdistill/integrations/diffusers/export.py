@@ -7,6 +7,18 @@ to the scheduler's time shift: ``uniform`` → ``shift = 1``; ``shifted`` → th
 Euler exports with a warning (the pipeline is Euler). Every export checks itself: it samples 8
 seeded points at NFE 1 and 2 with the pipeline and with the run's sampler, warns if they differ by
 more than 1e-4, and records the difference in ``flowdistill.json``.
+
+The export directory also holds a model card ``README.md`` (method, teacher with the sha256 of its
+weights, dataset, training steps, the NFEs to sample at, a usage snippet) and ``pipeline.py``, a
+two-line module that re-exports :class:`FlowDistillPipeline`. Loading (flowdistill installed):
+
+- ``FlowDistillPipeline.from_pretrained(DIR)``;
+- ``DiffusionPipeline.from_pretrained(DIR)`` once ``flowdistill.integrations.diffusers`` is imported
+  (it registers ``FlowDistillPipeline`` in the ``diffusers`` namespace, where diffusers looks up
+  ``model_index.json``'s ``_class_name``);
+- ``DiffusionPipeline.from_pretrained(DIR, custom_pipeline="pipeline", trust_remote_code=True)``
+  without importing flowdistill first (diffusers runs the directory's ``pipeline.py``, and diffusers
+  ≥ 0.35 loads local pipeline code only with ``trust_remote_code=True``). Works offline.
 """
 
 from __future__ import annotations
@@ -21,6 +33,16 @@ from pathlib import Path
 from flowdistill.errors import ConfigError, FlowDistillError, RunDirError
 
 GRIDS = ("uniform", "shifted")
+
+#: ``pipeline.py`` written into every export: diffusers' ``custom_pipeline`` loader imports it.
+PIPELINE_SHIM = '''"""FlowDistillPipeline for ``DiffusionPipeline.from_pretrained(DIR,
+custom_pipeline="pipeline", trust_remote_code=True)``: the class lives in the installed flowdistill
+package (pip install flowdistill)."""
+
+from flowdistill.integrations.diffusers.pipeline import FlowDistillPipeline
+
+__all__ = ["FlowDistillPipeline"]
+'''
 
 
 def _grid_shift(distiller_cfg) -> float:
@@ -100,7 +122,109 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False
             "load": "from flowdistill.integrations.diffusers import FlowDistillPipeline; "
                     "FlowDistillPipeline.from_pretrained(DIR)"}
     (tmp / "flowdistill.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "pipeline.py").write_text(PIPELINE_SHIM)
+    (tmp / "README.md").write_text(model_card(run, out.name, diff))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _teacher_info(teacher: str, run_dir: Path) -> tuple[str, str | None]:
+    """The teacher as the run's config names it (resolved against the run's parent when relative and
+    not found from here) and the sha256 of its weights file, when it can still be read."""
+    from flowdistill.data.couplings import file_sha256
+
+    if not teacher:
+        return "", None
+    path = Path(teacher)
+    candidates = [path] if path.is_absolute() else [path, run_dir.parent / path]
+    for cand in candidates:
+        for d in (cand / "student", cand):
+            weights = d / "diffusion_pytorch_model.safetensors"
+            if weights.is_file():
+                return str(d.resolve()), file_sha256(weights)
+    return teacher, None
+
+
+def recommended_nfe(run) -> tuple[tuple[int, ...], int]:
+    """The NFEs the run's method is evaluated at (``Distiller.eval_nfe``) and the one to sample with:
+    the fewest for a distilled student, the most for a teacher trained without one."""
+    from flowdistill.distillers import DISTILLERS
+
+    cls = DISTILLERS.get(run.cfg.distiller.name)
+    nfes = tuple(int(n) for n in cls.eval_nfe)
+    return nfes, (min(nfes) if cls.needs_teacher else max(nfes))
+
+
+def model_card(run, name: str, diff: float | None = None) -> str:
+    """The export's ``README.md``: what was distilled, from which teacher, on what data, for how
+    many steps, at which NFE it samples, and how to load it."""
+    from flowdistill.runs import read_meta
+
+    cfg = run.cfg
+    meta = read_meta(Path(run.run_dir) / "student")
+    steps = meta.get("steps", cfg.train.steps)
+    nfes, rec = recommended_nfe(run)
+    teacher, sha = _teacher_info(cfg.teacher, Path(run.run_dir))
+    two_time = bool(run.student.config.get("two_time", False))
+    kind = ("a two-time flow map u(x, t, s) (jumps)" if two_time
+            else "a one-time velocity field v(x, t) (Euler steps)")
+    if teacher:
+        found = f" (weights sha256 `{sha}`)" if sha else " (weights not found at export)"
+        teacher_line = f"`{teacher}`{found}"
+    else:
+        teacher_line = "none (trained from data)"
+    cond = int(run.student.config.get("num_classes", 0) or 0)
+    labels = ", class_labels=[3] * 16" if cond else ""
+    call = (f"pipe(batch_size=16, num_inference_steps={rec}, "
+            f"generator=torch.Generator().manual_seed(0){labels})")
+    data = f"`{cfg.data.name}`" + (f" (class-conditional, {cond} classes)" if cond else "")
+    train = f"{steps} (batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, EMA {cfg.train.ema_decay:g})"
+    sampling = (f"NFE {', '.join(map(str, nfes))} (the method's evaluation budgets); "
+                f"recommended `num_inference_steps={rec}`")
+    grid = (f"`{getattr(cfg.distiller, 'sample_grid', 'uniform')}` "
+            f"(scheduler shift {_grid_shift(cfg.distiller):g})")
+    check = "not checked" if diff is None else f"max abs diff to the run's sampler {diff:.3g} (NFE 1, 2)"
+    return f"""---
+library_name: diffusers
+tags: [flowdistill, flow-matching, distillation, {cfg.distiller.name}]
+---
+
+# {name}
+
+The `{type(run.student).__name__}` net of a flowdistill run, exported (`flowdistill export`) as a
+diffusers `FlowDistillPipeline`; the network is {kind}.
+
+| | |
+|---|---|
+| method (distiller) | `{cfg.distiller.name}` |
+| teacher | {teacher_line} |
+| dataset | {data} |
+| training steps | {train} |
+| sampling | {sampling} |
+| time grid | {grid} |
+| run | `{Path(run.run_dir).resolve()}` |
+| export self-check | {check} |
+
+Time is the noise level (t = 1 noise, t = 0 data); each step maps x_t to x_s with
+x_s = x_t + (s − t)·u. The scheduler config and the student's `config.json` hold the rest.
+
+## Usage
+
+Needs `pip install flowdistill` (the student and pipeline classes live there); works offline.
+
+```python
+import torch
+import flowdistill.integrations.diffusers  # registers FlowDistillPipeline with diffusers
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{name}")
+x = {call}.images
+```
+
+Without importing flowdistill first: `DiffusionPipeline.from_pretrained("{name}",
+custom_pipeline="pipeline", trust_remote_code=True)` (runs this directory's `pipeline.py`, which
+imports the class from flowdistill). `flowdistill.integrations.diffusers.FlowDistillPipeline
+.from_pretrained("{name}")` works as well.
+"""
