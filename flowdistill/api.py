@@ -18,9 +18,10 @@ from flowdistill.data.registry import build_dataset as build_source
 from flowdistill.data.registry import sample_shape_of
 from flowdistill.distillers import DISTILLERS, Distiller
 from flowdistill.errors import CheckpointError, ConfigError
-from flowdistill.models import MODELS, build_model
+from flowdistill.models import MODELS, build_model, init_from
 from flowdistill.models.loading import load_model_dir
 from flowdistill.runs import check_run_dir, export_student, holds_run, prepare_run_dir, read_meta
+from flowdistill.teachers import guidance_for, guide
 from flowdistill.training.loop import Trainer
 
 # -- data: build_source (= data.registry.build_dataset) and sample_shape_of come from the dataset
@@ -49,8 +50,15 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
     override single values) and starts from its weights. A teacher of another architecture than
     ``model.name``, a size change that the teacher's weights cannot fill, or data the nets cannot
     take is a :class:`~flowdistill.errors.ConfigError` saying what the teacher is.
+
+    The teacher is frozen and guided once here, as the job's ``guidance:`` section says
+    (:func:`flowdistill.teachers.guide` → :func:`flowdistill.core.guidance.build_guidance`), after
+    the architecture checks have run on the bare net; the distiller receives the ready field. A
+    flow-matching student (a teacher-to-be) gets the same guidance for sampling
+    (:attr:`~flowdistill.distillers.base.Distiller.guided_sampling`).
     """
     cls = DISTILLERS.get(cfg.distiller.name)
+    _check_guidance_use(cfg, cls)
     two_time = bool(getattr(cls, "student_two_time", False))
     torch.manual_seed(cfg.train.seed)  # same initial weights in every process and every run
     teacher = None
@@ -69,24 +77,49 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
         params = {k: v for k, v in params.items() if not k.startswith("_")}
         student = build_model(cfg.model.name, **params)
         _check_compatible(student, teacher, cfg)
-        init = getattr(student, "init_from", None)
         try:
-            if callable(init):
-                init(teacher)
-            else:
-                student.load_state_dict(teacher.state_dict(), strict=False)
+            init_from(student, teacher)  # same-named tensors; a shape mismatch is a ValueError
         except (RuntimeError, ValueError) as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-            detail = next((ln for ln in lines if "size mismatch" in ln), lines[0])
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0].removeprefix("init_from: ")
+            if "mismatch" not in msg:
+                raise ConfigError(f"the student cannot start from teacher {teacher_dir}: {msg}") from None
             changed = {k: v for k, v in dict(cfg.model.params).items() if teacher.config.get(k, v) != v}
             what = (", ".join(f"model.params.{k}={v!r} (teacher: {teacher.config[k]!r})"
                               for k, v in changed.items()) or "the student's sizes")
             raise ConfigError(f"the student cannot start from teacher {teacher_dir}: {what} change its "
-                              f"tensor sizes ({detail})") from None
+                              f"tensor sizes (size mismatch: {msg})") from None
+        teacher = guide(cfg.guidance, teacher, "teacher", sample_shape_of(cfg.data))
     else:
         num_classes = source.num_classes if source is not None else 0
         student = build_model(cfg.model.name, **_default_params(cfg, num_classes, two_time))
-    return cls(cfg.distiller, student, teacher)
+    distiller = cls(cfg.distiller, student, teacher)
+    distiller.sample_guidance = _sampling_guidance(cfg, cls, student)
+    return distiller
+
+
+def _check_guidance_use(cfg: JobConfig, cls: type[Distiller]) -> None:
+    """A ``guidance:`` setting that nothing would use is a :class:`~flowdistill.errors.ConfigError`."""
+    g = cfg.guidance
+    if g.active and not cls.needs_teacher and not cls.guided_sampling:
+        raise ConfigError(f"{g.key}: distiller {cls.name!r} has no teacher to guide and samples unguided")
+    if g.scale_range and not cls.draws_guidance_scale:
+        raise ConfigError(f"guidance.scale_range={list(g.scale_range)}: distiller {cls.name!r} does not draw "
+                          f"per-sample guidance scales; set guidance.scale")
+
+
+def _sampling_guidance(cfg: JobConfig, cls: type[Distiller], student: nn.Module):
+    """The run's guidance for sampling its student (``None`` unless the method has
+    :attr:`~flowdistill.distillers.base.Distiller.guided_sampling`): one
+    :class:`~flowdistill.teachers.TeacherGuidance`, the weaker model loaded once."""
+    if not cls.guided_sampling:
+        return None
+    return guidance_for(cfg.guidance, student, "model", sample_shape_of(cfg.data))
+
+
+def _inference_distiller(cfg: JobConfig, student: nn.Module) -> Distiller:
+    """``for_inference`` of the run's distiller, with the run's guidance for sampling."""
+    cls = DISTILLERS.get(cfg.distiller.name)
+    return cls.for_inference(cfg.distiller, student, guidance=_sampling_guidance(cfg, cls, student))
 
 
 #: Config entries that say what a saved net is, in the order they are reported.
@@ -291,7 +324,7 @@ def load_run(run_dir: str | Path, data: Any = None) -> LoadedRun:
         if (run_dir / "config.json").is_file():
             model = load_model_dir(run_dir)
             cfg = _model_dir_config(run_dir, model, data)
-            distiller = DISTILLERS.get(cfg.distiller.name).for_inference(cfg.distiller, model)
+            distiller = _inference_distiller(cfg, model)
             return LoadedRun(cfg, model, distiller, run_dir, model_dir=True)
         raise CheckpointError(f"{run_dir} is not a run directory (config.yaml missing) nor a saved model "
                               f"directory (config.json missing)")
@@ -301,5 +334,5 @@ def load_run(run_dir: str | Path, data: Any = None) -> LoadedRun:
         raise CheckpointError(f"{run_dir} has no exported student (training unfinished?)")
     student = load_model_dir(student_dir)
     read_meta(student_dir)
-    distiller = DISTILLERS.get(cfg.distiller.name).for_inference(cfg.distiller, student)  # no teacher
+    distiller = _inference_distiller(cfg, student)  # no teacher; the run's guidance for sampling
     return LoadedRun(cfg, student, distiller, run_dir)

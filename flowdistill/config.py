@@ -16,6 +16,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from flowdistill.core.guidance import GuidanceSpec
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.distillers import DISTILLERS
 from flowdistill.errors import ConfigError
@@ -63,6 +64,9 @@ class JobConfig:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    # the teacher's guidance (CFG scale, per-sample scale range, interval, autoguidance), applied
+    # once where the teacher is built; for a flow-matching run, when its model is sampled
+    guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
     distiller: Any = None
 
 
@@ -166,6 +170,7 @@ def load_config_mapping(raw: dict[str, Any] | DictConfig, overrides: list[str] |
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
         over = OmegaConf.from_dotlist(list(overrides or []))
+        raw, over = _drop_legacy_guidance(raw), _drop_legacy_guidance(over)
         name = OmegaConf.select(over, "distiller.name") or OmegaConf.select(raw, "distiller.name") \
             or default_distiller
         merged = OmegaConf.merge(_schema(str(name)), raw, over)
@@ -179,7 +184,32 @@ def load_config_mapping(raw: dict[str, Any] | DictConfig, overrides: list[str] |
         obj.distiller.validate()
     except ValueError as e:
         raise ConfigError(f"distiller: {e}") from None
+    try:
+        obj.guidance.validate()
+    except ValueError as e:  # the message starts with the key
+        raise ConfigError(str(e)) from None
     return obj
+
+
+#: Per-distiller guidance keys of earlier versions, now the top-level ``guidance:`` section.
+_LEGACY_GUIDANCE = ("distiller.guidance_scale", "distiller.couple.guidance_scale")
+
+
+def _drop_legacy_guidance(conf: DictConfig) -> DictConfig:
+    """Saved configs of earlier versions hold ``distiller.guidance_scale`` (and reflow's
+    ``distiller.couple.guidance_scale``): at its default ``1.0`` (no guidance) the key is dropped;
+    another value is a :class:`~flowdistill.errors.ConfigError` pointing at ``guidance.scale``."""
+    for key in _LEGACY_GUIDANCE:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(conf, parent)
+        if not isinstance(node, DictConfig) or leaf not in node:
+            continue
+        value = node[leaf]
+        if value not in (1, 1.0, "1", "1.0"):
+            raise ConfigError(f"config key '{key}' was replaced by the top-level guidance section: set "
+                              f"guidance.scale={value} (the teacher's guidance, applied where it is built)")
+        del node[leaf]
+    return conf
 
 
 def to_yaml(cfg: JobConfig) -> str:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from flowdistill.cli import main as cli_main
+from flowdistill.core.guidance import GuidanceSpec
 from flowdistill.core.rng import StepRNG
 from flowdistill.couplings.generation import CoupleSpec, generate_couplings, shard_inputs
 from flowdistill.data.couplings import (
@@ -274,9 +275,10 @@ def test_coupling_source_reads_only_the_shards_a_batch_touches(small_store, monk
 def test_conditional_guided_store_keeps_labels_and_null_share(tmp_path):
     torch.manual_seed(0)
     MLPFlowNet(data_dim=2, hidden=32, depth=2, num_classes=8).save_pretrained(str(tmp_path / "t"))
-    spec = CoupleSpec(n_pairs=400, shard_size=200, chunk_size=100, solver="euler", nfe=4,
-                      guidance_scale=2.0, uncond_share=0.25)
-    root = generate_couplings(tmp_path / "t", tmp_path / "c", spec, (2,), conditional=True, progress=False)
+    spec = CoupleSpec(n_pairs=400, shard_size=200, chunk_size=100, solver="euler", nfe=4, uncond_share=0.25)
+    cfg = GuidanceSpec(scale=2.0)
+    root = generate_couplings(tmp_path / "t", tmp_path / "c", spec, (2,), conditional=True, progress=False,
+                              guidance=cfg)
     src = CouplingSource(CouplingStore(root))
     assert src.num_classes == 8 and len(src) == 400
     everything = src.get_many(torch.arange(400))
@@ -285,11 +287,16 @@ def test_conditional_guided_store_keeps_labels_and_null_share(tmp_path):
     assert 0.15 < null < 0.35 and set(everything["cond"].unique().tolist()) == set(range(9))
     assert set(src.local_batch(StepRNG(0, 0).generator(), 0, 1, 16)) == {"x", "noise", "cond"}
     # guidance changed the pairs: an unguided store of the same noise differs
-    unguided = CoupleSpec(**{**spec.__dict__, "guidance_scale": 1.0})
-    plain = generate_couplings(tmp_path / "t", tmp_path / "p", unguided, (2,), conditional=True,
-                               progress=False)
+    plain = generate_couplings(tmp_path / "t", tmp_path / "p", spec, (2,), conditional=True, progress=False)
     p = CouplingStore(plain).load_all()
     assert torch.equal(p["noise"], everything["noise"]) and torch.equal(p["cond"], everything["cond"])
     assert not torch.allclose(p["sample"], everything["x"])
-    with pytest.raises(ConfigError, match="needs a class-conditional teacher"):
-        generate_couplings(tmp_path / "t", tmp_path / "u", spec, (2,), conditional=False, progress=False)
+    with pytest.raises(ConfigError, match="guidance.scale=2.0 needs a class-conditional teacher"):
+        generate_couplings(tmp_path / "t", tmp_path / "u", spec, (2,), conditional=False, progress=False,
+                           guidance=cfg)
+    # the store records its guidance: resuming it with other guidance is refused, with the same resumes
+    with pytest.raises(CouplingError, match="'guidance' differs"):
+        generate_couplings(tmp_path / "t", root, spec, (2,), conditional=True, progress=False, resume=True)
+    assert read_manifest(root)["guidance"]["scale"] == 2.0
+    generate_couplings(tmp_path / "t", root, spec, (2,), conditional=True, progress=False, resume=True,
+                       guidance=cfg)

@@ -1,22 +1,15 @@
-"""Sampling a velocity field with a named solver and time grid at a given NFE budget."""
+"""Sampling a velocity field with a named solver and time grid at a given NFE budget.
+
+Guidance is not applied here: a guided field comes ready from
+:func:`flowdistill.core.guidance.build_guidance` (DESIGN.md §1)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from flowdistill.core.guidance import CFGField
 from flowdistill.core.solvers import SolveResult, solve, steps_for_nfe
 from flowdistill.core.timesteps import build_grid
-
-
-def guided(field, guidance_scale: float, null_label: int | None, interval=None):
-    """Wrap ``field`` in classifier-free guidance when the scale asks for it."""
-    if guidance_scale == 1.0 and interval is None:
-        return field
-    if null_label is None:
-        raise ValueError("guidance needs a class-conditional model (num_classes > 0)")
-    return CFGField(field, guidance_scale, null_label, interval)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from flowdistill import kernels
+from flowdistill.core.guidance import GuidedField
 from flowdistill.core.registry import Registry
 
 Field = Callable[..., Tensor]
@@ -63,9 +64,18 @@ class _Stepper:
 
 @SOLVERS.register("euler")
 class Euler(_Stepper):
-    """Explicit Euler: ``x_{n+1} = x_n + h·v(x_n, t_n)`` (order 1)."""
+    """Explicit Euler: ``x_{n+1} = x_n + h·v(x_n, t_n)`` (order 1).
+
+    For a guided field (:class:`~flowdistill.core.guidance.GuidedField`,
+    ``v = v_lo + w·(v_hi − v_lo)``) the combine and the update are one fused pass,
+    ``kernels.guided_euler_step(x, v_lo, v_hi, w, h)``."""
 
     def step(self, field, x, t, s, dt, cond):
+        if isinstance(field, GuidedField):
+            v_lo, v_hi, w = field.branches(x, t, cond=cond)
+            if v_lo is not v_hi:
+                return kernels.guided_euler_step(x, v_lo, v_hi, w, dt)
+            return kernels.euler_step(x, v_hi, dt)
         return kernels.euler_step(x, field(x, t, cond=cond), dt)
 
 

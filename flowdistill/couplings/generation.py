@@ -2,7 +2,11 @@
 
 Step 1 of reflow (Rectified Flow, Liu et al. 2022; InstaFlow, arXiv 2309.06380; rfpp,
 arXiv 2405.20320): draw noise (and conditions), integrate the — optionally guided — teacher ODE
-accurately from ``t = 1`` to ``t = 0``, and keep the pairs. The papers use about a million pairs
+accurately from ``t = 1`` to ``t = 0``, and keep the pairs. The teacher is guided as the job's
+``guidance:`` section says (:func:`flowdistill.teachers.guidance_for`, the same field a
+distillation job's teacher is), e.g. ``ODE`` of ``v_∅ + w·(v_c − v_∅)`` for CFG; the settings are
+recorded in the store's header (``guidance``), so a store made with other guidance is refused on
+resume. The papers use about a million pairs
 (CIFAR-10), so generation is split across processes and survives being killed.
 
 **Process-count independence.** Shard ``k``'s noise and conditions come from a CPU generator
@@ -29,7 +33,8 @@ from accelerate import PartialState
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flowdistill.core.sampling import guided, sample_velocity
+from flowdistill.core.guidance import GuidanceSpec
+from flowdistill.core.sampling import sample_velocity
 from flowdistill.core.solvers import SOLVERS, solve
 from flowdistill.core.timesteps import TIME_GRIDS
 from flowdistill.data.couplings import (
@@ -38,7 +43,6 @@ from flowdistill.data.couplings import (
     STORAGE_DTYPES,
     CouplingError,
     add_shard,
-    atomic_write_json,
     drop_shards,
     file_sha256,
     num_shards,
@@ -49,10 +53,12 @@ from flowdistill.data.couplings import (
     state_sha256,
     update_manifest,
     weights_file_sha256,
+    write_manifest,
     write_shard,
 )
 from flowdistill.errors import ConfigError
 from flowdistill.models.loading import load_model_dir
+from flowdistill.teachers import guidance_for
 
 
 @dataclass
@@ -60,10 +66,11 @@ class CoupleSpec:
     """How to generate a coupling store (the ``couple`` section of reflow/InstaFlow configs).
 
     ``solver``: ``dopri5`` (adaptive, ``rtol``/``atol``) or a fixed-step solver with ``nfe``
-    evaluations on ``grid``. ``guidance_scale`` applies CFG to a class-conditional teacher;
-    ``uncond_share`` of the pairs get the null label (so the student also learns the unguided
-    flow). ``storage_dtype`` of the stored noise and samples (``float16``/``bfloat16`` halve the
-    disk at scale; the stored — rounded — noise is what training pairs with the sample).
+    evaluations on ``grid``. ``uncond_share`` of the pairs of a class-conditional teacher get the
+    null label (so the student also learns the unguided flow); the teacher's guidance is the job's
+    ``guidance:`` section, not a setting of this one. ``storage_dtype`` of the stored noise and
+    samples (``float16``/``bfloat16`` halve the disk at scale; the stored — rounded — noise is what
+    training pairs with the sample).
     """
 
     n_pairs: int = 20000
@@ -75,7 +82,6 @@ class CoupleSpec:
     rtol: float = 1e-5
     atol: float = 1e-5
     seed: int = 0
-    guidance_scale: float = 1.0
     uncond_share: float = 0.0
     storage_dtype: str = "float32"
     cpu: bool = False
@@ -142,18 +148,29 @@ def shard_inputs(spec: CoupleSpec, index: int, sample_shape: tuple[int, ...],
 
 
 def _header(spec: CoupleSpec, teacher_path: Path, teacher: nn.Module, sample_shape: tuple[int, ...],
-            num_classes: int) -> dict:
+            num_classes: int, guidance: dict) -> dict:
     return {
         "format": FORMAT, "teacher": str(teacher_path), "teacher_sha256": weights_file_sha256(teacher_path),
         "teacher_state_sha256": state_sha256(teacher), "seed": spec.seed, "n_pairs": spec.n_pairs,
         "shard_size": spec.shard_size, "sample_shape": list(sample_shape), "dtype": spec.storage_dtype,
         "conditional": num_classes > 0, "num_classes": num_classes,
-        "generation": spec.generation_header(), "shards": [], "complete": False,
+        "generation": spec.generation_header(), "guidance": guidance, "shards": [], "complete": False,
     }
 
 
 _FIXED = ("format", "teacher_sha256", "teacher_state_sha256", "seed", "shard_size", "sample_shape", "dtype",
-          "conditional", "num_classes", "generation")
+          "conditional", "num_classes", "generation", "guidance")
+
+
+def _upgrade_manifest(man: dict) -> dict:
+    """A store written before the ``guidance:`` section kept ``generation.guidance_scale``: read it
+    as the equivalent ``guidance`` header (so an unguided old store still resumes)."""
+    gen = man.get("generation")
+    if "guidance" in man or not isinstance(gen, dict) or "guidance_scale" not in gen:
+        return man
+    old = GuidanceSpec(scale=float(gen["guidance_scale"]))
+    gen = {k: v for k, v in gen.items() if k != "guidance_scale"}
+    return {**man, "generation": gen, "guidance": old.header()}
 
 
 def _check_resumable(root: Path, header: dict, resume: bool, overwrite: bool) -> dict | None:
@@ -173,7 +190,7 @@ def _check_resumable(root: Path, header: dict, resume: bool, overwrite: bool) ->
     if not resume:
         raise CouplingError(f"{root} already holds couplings; pass --resume to continue them "
                             f"or --overwrite to replace them")
-    man = read_manifest(root)
+    man = _upgrade_manifest(read_manifest(root))
     for k in _FIXED:
         if man.get(k) != header[k]:
             raise CouplingError(f"--resume: coupling setting '{k}' differs from the store in {root} "
@@ -195,7 +212,7 @@ def _prepare(root: Path, header: dict, existing: dict | None) -> None:
     if existing is None:
         for old in root.glob("shard-*.safetensors"):
             old.unlink()
-        atomic_write_json(root / MANIFEST, header)
+        write_manifest(root / MANIFEST, header)
         return
 
     if existing["n_pairs"] != header["n_pairs"]:  # a complete store that is not grown is left as it is
@@ -231,16 +248,24 @@ def _use_cpu(asked: bool) -> bool:
 
 def generate_couplings(teacher: str | os.PathLike, root: str | os.PathLike, spec: CoupleSpec,
                        sample_shape: tuple[int, ...], conditional: bool = False, resume: bool = False,
-                       overwrite: bool = False, progress: bool = True) -> Path:
+                       overwrite: bool = False, progress: bool = True,
+                       guidance: GuidanceSpec | None = None) -> Path:
     """Write ``spec.n_pairs`` teacher couplings to ``root``; returns ``root``.
 
     ``teacher`` is a saved model directory or a run directory (its ``student/``). Under
     ``torchrun``/``accelerate`` every process takes its share of the shards (gloo on CPU with
     ``ACCELERATE_USE_CPU=1``). ``resume`` continues a killed or smaller store with the same
     settings; ``overwrite`` replaces one. ``conditional`` draws labels uniformly from the
-    teacher's ``num_classes`` (an unconditional teacher cannot be conditional).
+    teacher's ``num_classes`` (an unconditional teacher cannot be conditional). ``guidance`` (the
+    job's ``guidance:`` section; ``None``: unguided) guides the teacher; classifier-free guidance
+    needs conditional couplings, and per-sample scales (``scale_range``) are not drawn here.
     """
     spec.validate()
+    guidance = guidance if guidance is not None else GuidanceSpec()
+    if guidance.scale_range:
+        raise ConfigError(f"guidance.scale_range={list(guidance.scale_range)}: coupling generation guides "
+                          f"the teacher with one scale (guidance.scale); per-sample scales need a method "
+                          f"that draws them")
     state = PartialState(cpu=_use_cpu(spec.cpu))
     rank, world = state.process_index, state.num_processes
     root, tdir = Path(root), model_dir(teacher)
@@ -248,10 +273,12 @@ def generate_couplings(teacher: str | os.PathLike, root: str | os.PathLike, spec
     num_classes = int(getattr(net.config, "num_classes", 0) or 0) if conditional else 0
     if conditional and num_classes == 0:
         raise ConfigError(f"data.conditional is set but the teacher in {tdir} is unconditional")
-    if spec.guidance_scale != 1.0 and num_classes == 0:
-        raise ConfigError(f"couple.guidance_scale={spec.guidance_scale} needs a class-conditional teacher "
-                          f"and data.conditional=true")
-    header = _header(spec, tdir, net, tuple(sample_shape), num_classes)
+    if guidance.active and not guidance.autoguidance and num_classes == 0:
+        raise ConfigError(f"{guidance.key}={guidance.scale} needs a class-conditional teacher and "
+                          f"data.conditional=true (couplings drawn without labels are not guided)")
+    guide = guidance_for(guidance, net, "teacher", tuple(sample_shape))
+    bad_sha = state_sha256(guide.bad) if guide is not None and guide.bad is not None else ""
+    header = _header(spec, tdir, net, tuple(sample_shape), num_classes, guidance.header(bad_sha))
     net = net.to(state.device).eval().requires_grad_(False)
     existing = _check_resumable(root, header, resume, overwrite)
     state.wait_for_everyone()
@@ -259,7 +286,7 @@ def generate_couplings(teacher: str | os.PathLike, root: str | os.PathLike, spec
         _prepare(root, header, existing)
     state.wait_for_everyone()
 
-    field = guided(net, spec.guidance_scale if num_classes else 1.0, num_classes or None)
+    field = net if guide is None else guide(net).to(state.device)  # built once, as a distiller's teacher
     records = {s["index"]: s for s in read_manifest(root)["shards"]}
     mine = [k for k in range(num_shards(spec.n_pairs, spec.shard_size)) if k % world == rank]
     todo = []

@@ -51,7 +51,8 @@ _TOP = ("out_dir", "teacher", "model", "data", "eval", *STAGES)
 
 
 def couple_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Generate the couplings of a reflow/InstaFlow job: ``cfg.teacher`` → ``cfg.distiller.couplings``."""
+    """Generate the couplings of a reflow/InstaFlow job: ``cfg.teacher`` (guided as ``cfg.guidance``
+    says) → ``cfg.distiller.couplings``."""
     spec, root = getattr(cfg.distiller, "couple", None), getattr(cfg.distiller, "couplings", None)
     if spec is None or not root:
         raise ConfigError(f"distiller {cfg.distiller.name!r} does not train on couplings; "
@@ -59,7 +60,7 @@ def couple_job(cfg: JobConfig, resume: bool = False, overwrite: bool = False, pr
     if not cfg.teacher:
         raise ConfigError("`flowdistill couple` needs teacher=PATH (a run directory or its student/)")
     return generate_couplings(cfg.teacher, root, spec, sample_shape_of(cfg.data), cfg.data.conditional,
-                              resume=resume, overwrite=overwrite, progress=progress)
+                              resume=resume, overwrite=overwrite, progress=progress, guidance=cfg.guidance)
 
 
 # -- the chain ---------------------------------------------------------------------------------

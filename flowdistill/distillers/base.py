@@ -8,6 +8,7 @@ the frozen teacher. The training loop asks it which parameter groups to optimise
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -122,6 +123,16 @@ class Distiller(nn.Module):
     eval_nfe: ClassVar[tuple[int, ...]] = (1, 2, 4)
     #: The rows a benchmark reports for the method (label, config overrides, NFEs).
     bench_rows: ClassVar[tuple[BenchRow, ...]] = ()
+    #: Whether the job's ``guidance:`` section also guides the *student* when it is sampled. True
+    #: for flow matching, whose student is a velocity teacher (sampled with CFG like any teacher);
+    #: a distilled student has learned its guided teacher and is sampled as it is. The guidance
+    #: comes as :attr:`sample_guidance` (set by :meth:`for_inference` and the API's builder).
+    guided_sampling: ClassVar[bool] = False
+    #: Whether the method draws per-sample guidance scales ``w ~ U[guidance.scale_range]`` itself
+    #: (:func:`flowdistill.core.guidance.sample_guidance_scale`, passing ``w=`` to the teacher, whose
+    #: ``scale_range`` attribute holds the range). A ``scale_range`` for a method that does not is a
+    #: config error: nothing would draw from it.
+    draws_guidance_scale: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, student: nn.Module, teacher: nn.Module | None = None, *,
                  inference_only: bool = False):
@@ -133,9 +144,12 @@ class Distiller(nn.Module):
         self.inference_only = bool(inference_only)
         if self.needs_teacher and teacher is None and not self.inference_only:
             raise ValueError(f"distiller {self.name!r} needs a teacher")
-        self.teacher = teacher
+        self.teacher = teacher  # a ready (guided, when the job asks) VelocityField: DESIGN.md §1
         if teacher is not None:
             teacher.requires_grad_(False).eval()
+        #: ``net -> guided net`` applied to the net :meth:`sample` integrates (see
+        #: :attr:`guided_sampling`); ``None``: sampled as it is. Kept out of the module tree.
+        self.sample_guidance: Callable[[nn.Module], nn.Module] | None = None
 
     def __init_subclass__(cls, **kw: Any) -> None:
         """Wrap each subclass's :meth:`loss` so an inference-only distiller refuses to train."""
@@ -190,8 +204,11 @@ class Distiller(nn.Module):
         ``options`` are the method's :attr:`sample_options` (``None`` = the method's default);
         any other is a one-line error. Subclasses implement :meth:`_sample`, not this.
         """
-        return self._sample(noise, nfe, cond, model if model is not None else self.student,
-                            **self.check_sample_options(options))
+        net = model if model is not None else self.student
+        if self.sample_guidance is not None:
+            guided = self.sample_guidance(net)
+            net = guided if guided is net else guided.to(noise.device)  # the weaker model, if any, too
+        return self._sample(noise, nfe, cond, net, **self.check_sample_options(options))
 
     def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module,
                 **options: Any) -> Tensor:
@@ -199,10 +216,16 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def for_inference(cls, cfg: Any, student: nn.Module) -> Distiller:
+    def for_inference(cls, cfg: Any, student: nn.Module,
+                      guidance: Callable[[nn.Module], nn.Module] | None = None) -> Distiller:
         """A distiller that only samples: built through ``__init__`` with ``teacher=None,
-        inference_only=True`` (no teacher, no trainable auxiliaries); :meth:`loss` refuses."""
-        return cls(cfg, student, None, inference_only=True)
+        inference_only=True`` (no teacher, no trainable auxiliaries); :meth:`loss` refuses.
+
+        ``guidance`` (``net -> guided net``, built from the run's ``guidance:`` section) becomes
+        :attr:`sample_guidance` when the method has :attr:`guided_sampling`, else it is ignored."""
+        d = cls(cfg, student, None, inference_only=True)
+        d.sample_guidance = guidance if cls.guided_sampling else None
+        return d
 
     def after_step(self, step: int, group: str) -> None:
         """Called after each optimiser step of ``group`` at ``step`` (and each of its repeats):

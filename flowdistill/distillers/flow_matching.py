@@ -4,6 +4,9 @@
 
 (for a general affine path the target is ``α'(t)·x + σ'(t)·ε``), with ``t`` from a registered
 time sampler and condition dropout so the model also learns the unconditional field for CFG.
+The trained model is a teacher: when it is sampled, the run's ``guidance:`` section (CFG
+``v_∅ + w·(v_c − v_∅)``, a guidance interval, autoguidance; :mod:`flowdistill.core.guidance`)
+guides it, as it would guide it as the teacher of a distillation job.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from flowdistill.core.guidance import drop_condition
 from flowdistill.core.losses import premetric
 from flowdistill.core.paths import PATHS
 from flowdistill.core.rng import StepRNG
-from flowdistill.core.sampling import guided, sample_velocity
+from flowdistill.core.sampling import sample_velocity
 from flowdistill.core.timesteps import TimeSamplerConfig
 from flowdistill.distillers.base import (
     BenchRow,
@@ -39,7 +42,6 @@ class FlowMatchingConfig(DistillerConfig):
     cond_dropout: float = 0.1
     sample_solver: str = "euler"
     sample_grid: str = "uniform"
-    guidance_scale: float = 1.0
 
     def validate(self) -> None:
         """Every named component must be registered; dropout in [0, 1]."""
@@ -59,6 +61,7 @@ class FlowMatching(Distiller):
     sample_options = {"solver": "ODE solver (a registered name: euler, heun, ...); default sample_solver"}
     eval_nfe = (1, 2, 4, 8, 128)
     bench_rows = (BenchRow("teacher (Euler)", ("distiller.sample_solver=euler",)),)
+    guided_sampling = True  # the student is a teacher: the run's guidance: section guides its samples
 
     def __init__(self, cfg: FlowMatchingConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  inference_only: bool = False):
@@ -85,8 +88,7 @@ class FlowMatching(Distiller):
 
     def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module,
                 solver: str | None = None) -> Tensor:
-        """Solve the learned ODE from ``t = 1`` with ``nfe`` evaluations."""
-        f = guided(model, self.cfg.guidance_scale if cond is not None else 1.0,
-                   self.num_classes if self.num_classes else None)
-        return sample_velocity(f, noise, nfe, solver or self.cfg.sample_solver, self.cfg.sample_grid,
+        """Solve the learned ODE from ``t = 1`` with ``nfe`` evaluations (``model`` comes guided by
+        the run's ``guidance:`` section: :attr:`Distiller.guided_sampling`)."""
+        return sample_velocity(model, noise, nfe, solver or self.cfg.sample_solver, self.cfg.sample_grid,
                                cond=cond).x

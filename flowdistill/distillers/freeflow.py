@@ -102,8 +102,8 @@ from flowdistill.core.derivatives import directional_derivative
 from flowdistill.core.distributed import global_rms
 from flowdistill.core.dmd import dm_gradient, dm_surrogate_loss, fake_velocity_target, renoise
 from flowdistill.core.flowmap import flow_map_chain, flow_map_jump, sample_flow_map, shortcut_target
+from flowdistill.core.guidance import unguided
 from flowdistill.core.rng import StepRNG
-from flowdistill.core.sampling import guided
 from flowdistill.core.timesteps import TimeSamplerConfig
 from flowdistill.core.weights import adaptive_weight
 from flowdistill.distillers.base import (
@@ -152,8 +152,7 @@ class FreeFlowConfig(DistillerConfig):
     r_sampler: TimeSamplerConfig = field(default_factory=_r_sampler_default)
     fake_repeats: int = 2
     fake_lr_scale: float = 1.0
-    # conditioning / guidance
-    guidance_scale: float = 1.0
+    # conditioning (the teacher's guidance is the job's guidance: section, applied when it is built)
     uncond_share: float = 0.1  # conditional teachers: share of null labels in the prior batch
     sample_grid: str = "uniform"
 
@@ -186,8 +185,6 @@ class FreeFlowConfig(DistillerConfig):
             raise ConfigError(f"distiller.fake_repeats must be >= 1, got {self.fake_repeats}")
         if not self.fake_lr_scale > 0:
             raise ConfigError(f"distiller.fake_lr_scale must be positive, got {self.fake_lr_scale}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"distiller.guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.mode == "correction" and not self.correction:
             raise ConfigError("distiller.mode='correction' needs distiller.correction=true")
         check_names(grid=self.sample_grid)
@@ -235,11 +232,12 @@ class FreeFlow(Distiller):
             raise ConfigError("freeflow needs a two-time student u(x, t, s) (model two_time=true)")
         self.num_classes = int(getattr(scfg, "num_classes", 0) or 0)
         self.r_sampler = cfg.r_sampler.build()
-        # ψ: the fake-velocity net, a trainable one-time copy of the teacher. Part of the trainable
+        # ψ: the fake-velocity net, a trainable one-time copy of the teacher's net (not of its guided
+        # field: ψ learns the student's conditional flow, unguided). Part of the trainable
         # (checkpointed) state, never of the exported student. No teacher (inference) → no ψ.
         self.fake: nn.Module | None = None
         if teacher is not None and cfg.uses_correction:
-            self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
+            self.fake = copy.deepcopy(unguided(teacher)).requires_grad_(True).train()
 
     # -- parameter groups --------------------------------------------------------------
     def trainable_nets(self) -> dict[str, nn.Module]:
@@ -270,10 +268,9 @@ class FreeFlow(Distiller):
         return batch
 
     def _v_real(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        """The (guided) teacher velocity; built per call so the wrapper holds no state."""
-        field = guided(self.teacher, self.cfg.guidance_scale if cond is not None else 1.0,
-                       self.num_classes if self.num_classes else None)
-        return field(x, t, cond=cond)
+        """The teacher velocity ``v_T`` — guided as the job's ``guidance:`` section says (the
+        teacher comes ready, DESIGN.md §1)."""
+        return self.teacher(x, t, cond=cond)
 
     # -- losses ------------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:

@@ -51,10 +51,11 @@ import torch
 from torch import Tensor, nn
 
 from flowdistill import kernels
+from flowdistill.core.guidance import unguided
 from flowdistill.core.losses import premetric
 from flowdistill.core.paths import PATHS
 from flowdistill.core.rng import StepRNG
-from flowdistill.core.sampling import guided, sample_velocity
+from flowdistill.core.sampling import sample_velocity
 from flowdistill.core.timesteps import TimeSamplerConfig, build_grid
 from flowdistill.couplings.generation import CoupleSpec
 from flowdistill.data.couplings import CouplingSource, CouplingStore, state_sha256
@@ -109,7 +110,8 @@ def _check_loss(kind: str, loss: str, allowed: tuple[str, ...], perceptual_net: 
 @dataclass
 class CoupledConfig(DistillerConfig):
     """Options every coupling-trained distiller has: the store (``couple`` is read by
-    ``flowdistill couple``), the pseudo-Huber constant, the perceptual net, guidance."""
+    ``flowdistill couple``), the pseudo-Huber constant, the perceptual net. The teacher's guidance
+    in the couplings is the job's ``guidance:`` section (recorded in the store's header)."""
 
     couplings: str = "${out_dir}/couplings"
     couple: CoupleSpec = field(default_factory=CoupleSpec)
@@ -117,7 +119,6 @@ class CoupledConfig(DistillerConfig):
     huber_c: float = 0.0  # 0: rfpp's 0.00054·D
     perceptual: str = "random_conv"  # perceptual losses: a registered perceptual net
     perceptual_weights: str = ""
-    guidance_scale: float = 1.0
 
     def validate(self) -> None:
         """The shared keys; subclasses add their own checks."""
@@ -171,7 +172,10 @@ class InstaFlowConfig(CoupledConfig):
 
 
 class _CouplingDistiller(Distiller):
-    """Shared plumbing: the coupling batch source, the perceptual net, guided sampling."""
+    """Shared plumbing: the coupling batch source and the perceptual net.
+
+    The teacher's guidance is baked into the couplings (``ODE_T`` of the guided teacher), so the
+    student learns the guided flow and is sampled as it is (no guidance at sampling)."""
 
     needs_data = False  # batches come from the coupling store, not from cfg.data
     needs_teacher = True
@@ -187,7 +191,9 @@ class _CouplingDistiller(Distiller):
     def coupling_source(self) -> CouplingSource:
         """The verified coupling store, opened on first use."""
         if self._source is None:
-            want = state_sha256(self.teacher) if self.cfg.check_teacher and self.teacher is not None else None
+            want = None
+            if self.cfg.check_teacher and self.teacher is not None:  # the teacher's own weights,
+                want = state_sha256(unguided(self.teacher))  # not those of its guidance wrapper
             store = CouplingStore(self.cfg.couplings, teacher_state_sha256=want)
             self._source = CouplingSource(store)
         return self._source
@@ -209,10 +215,6 @@ class _CouplingDistiller(Distiller):
             kw["net"] = self.perceptual_net(pred.device)
         c = self.cfg.huber_c if self.cfg.huber_c > 0 else None
         return premetric(name)(pred, target, c=c, **kw)
-
-    def _field(self, net: nn.Module, cond: Tensor | None):
-        return guided(net, self.cfg.guidance_scale if cond is not None else 1.0,
-                      self.num_classes if self.num_classes else None)
 
 
 @register_distiller("reflow")
@@ -242,11 +244,10 @@ class Reflow(_CouplingDistiller):
     def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module,
                 solver: str | None = None) -> Tensor:
         """``nfe`` evaluations of the configured sampler (an ODE solver or ``noise_reuse``)."""
-        f = self._field(model, cond)
         solver = solver or self.cfg.sample_solver
         if solver == NOISE_REUSE:
-            return sample_noise_reuse(f, noise, nfe, self.cfg.sample_grid, cond=cond)
-        return sample_velocity(f, noise, nfe, solver, self.cfg.sample_grid, cond=cond).x
+            return sample_noise_reuse(model, noise, nfe, self.cfg.sample_grid, cond=cond)
+        return sample_velocity(model, noise, nfe, solver, self.cfg.sample_grid, cond=cond).x
 
 
 @register_distiller("instaflow")
@@ -278,5 +279,4 @@ class InstaFlow(_CouplingDistiller):
     def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module,
                 solver: str | None = None) -> Tensor:
         """``nfe`` Euler steps on the uniform grid (``nfe = steps`` is what the student was trained for)."""
-        f = self._field(model, cond)
-        return sample_velocity(f, noise, nfe, solver or "euler", "uniform", cond=cond).x
+        return sample_velocity(model, noise, nfe, solver or "euler", "uniform", cond=cond).x
