@@ -341,13 +341,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"diffusers pipeline written to {out} (load with FlowDistillPipeline.from_pretrained)")
 
 
-def _cmd_reflow(args: argparse.Namespace) -> None:
-    from flowdistill.config import read_yaml_file
-    from flowdistill.couplings.pipeline import run_pipeline
+def _cmd_recipe(args: argparse.Namespace) -> None:
+    from flowdistill.recipes import run_recipe
 
-    read_yaml_file(args.config)  # a missing, binary or malformed file: one line naming it
-    runs = run_pipeline(args.config, args.overrides, report=not args.no_report)
-    print("runs: " + ", ".join(f"{k}={v}" for k, v in runs.items()))
+    only = [s for s in (args.only or "").split(",") if s.strip()] or None
+    runs = run_recipe(args.recipe, args.overrides, report=not args.no_report, only=only)
+    if _is_main_process():
+        print("runs: " + ", ".join(f"{k}={v}" for k, v in runs.items()))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -442,12 +442,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="finish an interrupted or smaller coupling store")
     sp.add_argument("--overwrite", action="store_true", help="replace the couplings in distiller.couplings")
 
-    sp = sub.add_parser("reflow", parents=[plugin],
-                        help="couple → 2-rectified flow → couple → InstaFlow student, from one config "
-                             "(resumes finished stages)")
-    sp.add_argument("config", help="YAML chain config (configs/reflow_*.yaml)")
-    sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reflow.train.steps=500")
-    sp.add_argument("--no-report", action="store_true", help="skip OUT_DIR/report.md")
+    sp = sub.add_parser("recipe", parents=[plugin],
+                        help="run a multi-stage recipe (e.g. couple → 2-RF → couple → InstaFlow); "
+                             "rerunning resumes it stage by stage",
+                        description="Run the stages of a recipe file in order (configs/recipes/*.yaml): "
+                                    "finished stages are skipped, an interrupted one resumes from its "
+                                    "newest checkpoint.")
+    sp.add_argument("recipe", help="recipe YAML (out_dir, vars, common, stages)")
+    sp.add_argument("overrides", nargs="*",
+                    help="key=value overrides: out_dir=..., teacher=... (a key of vars), "
+                         "stages.NAME.train.steps=500 (one stage's job key)")
+    sp.add_argument("--only", default=None, metavar="NAMES",
+                    help="comma-separated stages to run alone (their inputs must exist; default: all)")
+    sp.add_argument("--no-report", action="store_true", help="skip report stages")
 
     run_help = ("a run directory, or a saved model directory (config.json + weights, e.g. "
                 "assets/digits_teacher, with its train_config.yaml beside)")
@@ -531,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_config_show(args)
         elif args.command == "couple":
             _cmd_couple(args)
-        elif args.command == "reflow":
-            _cmd_reflow(args)
+        elif args.command == "recipe":
+            _cmd_recipe(args)
         elif args.command == "sample":
             _cmd_sample(args)
         elif args.command == "eval":

@@ -163,49 +163,65 @@ def test_distillers_train_on_their_teachers_couplings_only(tmp_path):
         torch.testing.assert_close(one.loss(b, 5, "student", StepRNG(0, 2))["loss"], perc)
 
 
-PIPE = """
+RECIPE = """
 out_dir: {out}
-teacher: {teacher}
-model: {{name: mlp}}
-data: {{name: checkerboard}}
-eval: {{n_samples: 2000, seed: 7}}
-reflow:
-  train: {{steps: 400, batch_size: 512, lr: 2.0e-3, lr_schedule: cosine, ema_decay: 0.9, log_every: 100,
-           ckpt_every: 200}}
-  distiller:
-    couple: {{n_pairs: 6000, shard_size: 3000, chunk_size: 3000, solver: rk4, nfe: 48}}
-    time_sampler: {{name: u_shaped}}
-    loss: pseudo_huber
-instaflow:
-  train: {{steps: 300, batch_size: 512, lr: 2.0e-3, lr_schedule: cosine, ema_decay: 0.9, log_every: 100,
-           ckpt_every: 0}}
-  distiller:
-    couple: {{n_pairs: 6000, shard_size: 3000, chunk_size: 3000, solver: rk4, nfe: 16}}
-    steps: 1
-    loss: l2
+vars: {{teacher: {teacher}}}
+common:
+  model: {{name: mlp}}
+  data: {{name: checkerboard}}
+  eval: {{n_samples: 2000, seed: 7}}
+stages:
+  - name: 2rf
+    kind: distill
+    job:
+      teacher: ${{recipe:teacher}}
+      train: {{steps: 400, batch_size: 512, lr: 2.0e-3, lr_schedule: cosine, ema_decay: 0.9, log_every: 100,
+               ckpt_every: 200}}
+      distiller:
+        name: reflow
+        couple: {{n_pairs: 6000, shard_size: 3000, chunk_size: 3000, solver: rk4, nfe: 48}}
+        time_sampler: {{name: u_shaped}}
+        loss: pseudo_huber
+  - name: instaflow
+    kind: distill
+    job:
+      teacher: ${{stage:2rf}}
+      train: {{steps: 300, batch_size: 512, lr: 2.0e-3, lr_schedule: cosine, ema_decay: 0.9, log_every: 100,
+               ckpt_every: 0}}
+      distiller:
+        name: instaflow
+        couple: {{n_pairs: 6000, shard_size: 3000, chunk_size: 3000, solver: rk4, nfe: 16}}
+        steps: 1
+        loss: l2
+  - name: report
+    kind: report
+    runs: {{teacher: "${{recipe:teacher}}", 2-RF: "${{stage:2rf}}",
+           "student (1-step)": "${{stage:instaflow}}"}}
+    nfe: {{teacher: [1, 2, 128], 2-RF: [2, 128], "student (1-step)": [1]}}
 """
 
 
 @pytest.mark.slow  # convergence check (~30-45 s on 2 cores); run with -m slow
 def test_chain_straightens_the_teacher_and_distils_one_step(tmp_path):
-    from flowdistill.couplings.pipeline import pipeline_rows, run_pipeline
+    from flowdistill.recipes import load_recipe, run_recipe
+    from flowdistill.recipes.report import report_rows
 
     teacher = train(load_config(None, [f"out_dir={tmp_path / 'teacher'}", *TINY_TEACHER, "train.steps=400",
                                        "train.ckpt_every=0", "train.lr=3e-3"]))
-    cfg = tmp_path / "pipe.yaml"
-    cfg.write_text(PIPE.format(out=tmp_path / "chain", teacher=teacher))
-    runs = run_pipeline(cfg, report=False)
-    for stage in ("reflow", "instaflow"):  # each stage as a plain job config, rerunnable by hand
-        assert load_config(tmp_path / "chain" / f"{stage}.yaml").distiller.name == stage
-    rows = pipeline_rows(runs, 1, "checkerboard", n=2000, seed=7)
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(RECIPE.format(out=tmp_path / "chain", teacher=teacher))
+    runs = run_recipe(cfg, report=False)
+    for stage, name in (("2rf", "reflow"), ("instaflow", "instaflow")):  # plain job configs, rerunnable
+        assert load_config(tmp_path / "chain" / f"{stage}.yaml").distiller.name == name
+    rows = report_rows(load_recipe(cfg).stage("report"))
     r = {(row["model"], row["nfe"]): row for row in rows}
     s_teacher, s_rf = r[("teacher", 128)]["straightness"], r[("2-RF", 128)]["straightness"]
     assert s_rf <= 0.5 * s_teacher, (s_rf, s_teacher)
     assert r[("2-RF", 2)]["sw2"] < r[("teacher", 2)]["sw2"]
     assert r[("student (1-step)", 1)]["sw2"] < 0.5 * r[("teacher", 1)]["sw2"]
     assert r[("student (1-step)", 1)]["sw2"] <= 1.5 * r[("teacher", 128)]["sw2"], rows
-    # rerunning the chain resumes: stores re-verified and kept, finished runs skipped
-    w = Path(runs["student"]) / "student" / "diffusion_pytorch_model.safetensors"
+    # rerunning the recipe resumes: stores re-verified and kept, finished runs skipped
+    w = Path(runs["instaflow"]) / "student" / "diffusion_pytorch_model.safetensors"
     stamp = w.stat().st_mtime_ns
-    run_pipeline(cfg, report=False)
+    run_recipe(cfg, report=False)
     assert w.stat().st_mtime_ns == stamp
