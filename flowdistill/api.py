@@ -19,9 +19,9 @@ from flowdistill.data.registry import sample_shape_of
 from flowdistill.distillers import DISTILLERS, Distiller
 from flowdistill.errors import CheckpointError, ConfigError
 from flowdistill.models import MODELS, build_model, init_from
-from flowdistill.models.loading import load_model_dir
-from flowdistill.runs import check_run_dir, export_student, holds_run, prepare_run_dir, read_meta
-from flowdistill.teachers import guidance_for, guide
+from flowdistill.models.loading import find_model_dir, load_model_dir
+from flowdistill.models.teachers import guidance_for, guide
+from flowdistill.runs import check_run_dir, export_student, prepare_run_dir, read_meta
 from flowdistill.training.loop import Trainer
 
 # -- data: build_source (= data.registry.build_dataset) and sample_shape_of come from the dataset
@@ -52,7 +52,7 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
     take is a :class:`~flowdistill.errors.ConfigError` saying what the teacher is.
 
     The teacher is frozen and guided once here, as the job's ``guidance:`` section says
-    (:func:`flowdistill.teachers.guide` → :func:`flowdistill.core.guidance.build_guidance`), after
+    (:func:`flowdistill.models.teachers.guide` → :func:`flowdistill.core.guidance.build_guidance`), after
     the architecture checks have run on the bare net; the distiller receives the ready field. A
     flow-matching student (a teacher-to-be) gets the same guidance for sampling
     (:attr:`~flowdistill.distillers.base.Distiller.guided_sampling`).
@@ -66,7 +66,7 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
         if not cfg.teacher:
             raise ConfigError(f"distiller {cls.name!r} needs a teacher: set teacher=PATH "
                               f"(a run's student/ directory)")
-        teacher_dir = _model_dir(Path(cfg.teacher))
+        teacher_dir = find_model_dir(cfg.teacher, "teacher")
         try:
             teacher = load_model_dir(teacher_dir)
         except UnknownNameError as e:
@@ -92,6 +92,8 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
     else:
         num_classes = source.num_classes if source is not None else 0
         student = build_model(cfg.model.name, **_default_params(cfg, num_classes, two_time))
+    if cfg.init:
+        _init_student(student, cfg.init)
     distiller = cls(cfg.distiller, student, teacher)
     distiller.sample_guidance = _sampling_guidance(cfg, cls, student)
     return distiller
@@ -110,7 +112,7 @@ def _check_guidance_use(cfg: JobConfig, cls: type[Distiller]) -> None:
 def _sampling_guidance(cfg: JobConfig, cls: type[Distiller], student: nn.Module):
     """The run's guidance for sampling its student (``None`` unless the method has
     :attr:`~flowdistill.distillers.base.Distiller.guided_sampling`): one
-    :class:`~flowdistill.teachers.TeacherGuidance`, the weaker model loaded once."""
+    :class:`~flowdistill.models.teachers.TeacherGuidance`, the weaker model loaded once."""
     if not cls.guided_sampling:
         return None
     return guidance_for(cfg.guidance, student, "model", sample_shape_of(cfg.data))
@@ -169,20 +171,69 @@ def _check_compatible(student: nn.Module, teacher: nn.Module, cfg: JobConfig) ->
         raise ConfigError(f"conditioning mismatch: teacher has num_classes={tc}, student {sc}")
 
 
-def _model_dir(path: Path) -> Path:
-    """Accept a run directory (uses its student/) or a model directory; anything else is a
-    :class:`~flowdistill.errors.CheckpointError` saying what the path is."""
-    if not path.exists():
-        raise CheckpointError(f"teacher {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"teacher {path} is a file; expected a run directory or a saved model "
-                              f"directory (with config.json)")
-    if (path / "student" / "config.json").is_file():
-        return path / "student"
-    if not (path / "config.json").is_file() and holds_run(path):
-        raise CheckpointError(f"teacher {path} is a run directory without an exported student/ "
-                              f"(training unfinished?)")
-    return path
+def _init_student(student: nn.Module, path: str) -> None:
+    """Start ``student`` from the saved model ``init`` names (a recipe's earlier stage, e.g. the
+    previous segment count of a progressive schedule) instead of from the teacher: same-named
+    tensors are copied (:func:`flowdistill.models.init_from`); a shape mismatch is a ConfigError."""
+    init_dir = find_model_dir(path, "init")
+    src = load_model_dir(init_dir)
+    try:
+        init_from(student, src)
+    except ValueError as e:
+        raise ConfigError(f"init={path}: the student cannot start from {init_dir}: "
+                          f"{str(e).removeprefix('init_from: ')}") from None
+
+
+# -- couplings ----------------------------------------------------------------------------
+def couple_teacher(teacher: str | Path, root: str | Path, spec: Any, sample_shape: tuple[int, ...],
+                   conditional: bool = False, guidance: Any = None, resume: bool = False,
+                   overwrite: bool = False, progress: bool = True) -> Path:
+    """Couplings of the saved ``teacher`` (a run or model directory), guided as ``guidance`` (a
+    :class:`~flowdistill.core.guidance.GuidanceSpec`) says — the same field a distillation job's
+    teacher is — written to ``root`` (:func:`flowdistill.data.coupling_generation.generate_couplings`,
+    which records the teacher's hashes and the guidance in the store's header).
+
+    ``conditional`` draws labels from the teacher's classes (an unconditional teacher cannot be
+    conditional); per-sample guidance scales (``scale_range``) are not drawn here.
+    """
+    from flowdistill.core.guidance import GuidanceSpec
+    from flowdistill.data.coupling_generation import generate_couplings
+    from flowdistill.data.couplings import state_sha256, weights_file_sha256
+
+    guidance = guidance if guidance is not None else GuidanceSpec()
+    if guidance.scale_range:
+        raise ConfigError(f"guidance.scale_range={list(guidance.scale_range)}: coupling generation guides "
+                          f"the teacher with one scale (guidance.scale); per-sample scales need a method "
+                          f"that draws them")
+    tdir = find_model_dir(teacher, "teacher")
+    net = load_model_dir(tdir)
+    num_classes = int(getattr(net.config, "num_classes", 0) or 0) if conditional else 0
+    if conditional and num_classes == 0:
+        raise ConfigError(f"data.conditional is set but the teacher in {tdir} is unconditional")
+    if guidance.active and not guidance.autoguidance and num_classes == 0:
+        raise ConfigError(f"{guidance.key}={guidance.scale} needs a class-conditional teacher and "
+                          f"data.conditional=true (couplings drawn without labels are not guided)")
+    guided = guidance_for(guidance, net, "teacher", tuple(sample_shape))
+    bad_sha = state_sha256(guided.bad) if guided is not None and guided.bad is not None else ""
+    identity = {"teacher": str(tdir), "teacher_sha256": weights_file_sha256(tdir),
+                "teacher_state_sha256": state_sha256(net), "guidance": guidance.header(bad_sha)}
+    net = net.eval().requires_grad_(False)
+    field = net if guided is None else guided(net)
+    return generate_couplings(field, root, spec, tuple(sample_shape), num_classes, identity,
+                              resume=resume, overwrite=overwrite, progress=progress)
+
+
+def couple(cfg: JobConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Generate the couplings a reflow/InstaFlow job trains on: ``cfg.teacher`` (guided as
+    ``cfg.guidance`` says) → ``cfg.distiller.couplings`` (``flowdistill couple``)."""
+    spec, root = getattr(cfg.distiller, "couple", None), getattr(cfg.distiller, "couplings", None)
+    if spec is None or not root:
+        raise ConfigError(f"distiller {cfg.distiller.name!r} does not train on couplings; "
+                          f"`flowdistill couple` needs distiller.name=reflow or instaflow")
+    if not cfg.teacher:
+        raise ConfigError("`flowdistill couple` needs teacher=PATH (a run directory or its student/)")
+    return couple_teacher(cfg.teacher, root, spec, sample_shape_of(cfg.data), cfg.data.conditional,
+                          cfg.guidance, resume=resume, overwrite=overwrite, progress=progress)
 
 
 # -- training -----------------------------------------------------------------------------

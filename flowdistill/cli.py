@@ -189,8 +189,8 @@ def _cmd_train(args: argparse.Namespace, default_distiller: str) -> None:
 
 
 def _cmd_couple(args: argparse.Namespace) -> None:
+    from flowdistill.api import couple
     from flowdistill.config import load_config
-    from flowdistill.couplings.pipeline import couple_job
 
     if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None
@@ -199,7 +199,7 @@ def _cmd_couple(args: argparse.Namespace) -> None:
         from flowdistill.runs import check_output_dir
 
         check_output_dir(cfg.distiller.couplings, "distiller.couplings")
-    root = couple_job(cfg, resume=args.resume, overwrite=args.overwrite)
+    root = couple(cfg, resume=args.resume, overwrite=args.overwrite)
     if _is_main_process():
         print(f"couplings written to {root}")
 

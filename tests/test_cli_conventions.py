@@ -198,7 +198,7 @@ def _subparsers(parser):
 def test_every_option_has_help_and_shows_its_default():
     parser = build_parser()
     subs = _subparsers(parser)
-    assert {"train-teacher", "distill", "config show", "couple", "reflow", "sample", "eval", "export",
+    assert {"train-teacher", "distill", "config show", "couple", "recipe", "sample", "eval", "export",
             "demo"} <= set(subs)
     for name, sp in subs.items():
         text = sp.format_help()
@@ -229,7 +229,7 @@ def test_top_level_help_is_prose_and_lists_the_commands(run):
     import flowdistill.cli
 
     assert flowdistill.cli.__doc__.splitlines()[0] not in flat  # not the module docstring's first line
-    for cmd in ("train-teacher", "distill", "config", "sample", "eval", "export", "reflow", "demo"):
+    for cmd in ("train-teacher", "distill", "config", "sample", "eval", "export", "recipe", "demo"):
         assert cmd in out
 
 
@@ -414,15 +414,12 @@ def test_eval_and_sample_on_a_shipped_model_directory(run, tmp_path, monkeypatch
 
 def test_load_run_takes_model_directories(tmp_path):
     from flowdistill.api import load_run
-    from flowdistill.couplings.pipeline import load_teacher_run
     from flowdistill.errors import CheckpointError
 
     shipped = load_run(DIGITS_TEACHER)
     assert shipped.model_dir and shipped.num_classes == 10
     assert shipped.cfg.data.name == "digits" and shipped.cfg.data.image_size == 8
     assert shipped.cfg.train.steps == 2000  # its train_config.yaml
-    same = load_teacher_run(DIGITS_TEACHER)  # the chain's loader is load_run
-    torch.testing.assert_close(same.sample(3, 1, seed=1), shipped.sample(3, 1, seed=1))
     bare = tmp_path / "bare"  # no train_config.yaml: flowdistill.json names distiller and data
     shutil.copytree(DIGITS_TEACHER, bare, ignore=shutil.ignore_patterns("train_config.yaml"))
     b = load_run(bare)

@@ -133,14 +133,14 @@ def run_copy(tiny_run, tmp_path) -> Path:
         ("out_dir: a: b\n", ["line 1", "mapping values are not allowed"]),
     ],
 )
-@pytest.mark.parametrize("command", ["train-teacher", "distill", "couple", "reflow"])
+@pytest.mark.parametrize("command", ["train-teacher", "distill", "couple", "recipe"])
 def test_config_not_valid_yaml(capsys, tmp_path, command, text, needles):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
     before = snapshot(tmp_path)
     line = one_line_error(
         run(capsys, command, cfg, f"out_dir={tmp_path / 'out'}"),
-        f"config file {cfg}",
+        f"{'recipe' if command == 'recipe' else 'config'} file {cfg}",
         "is not valid YAML",
         *needles,
     )
@@ -168,7 +168,7 @@ def _png(path: Path) -> None:
         ("control", "control character 0x07"),
     ],
 )
-@pytest.mark.parametrize("command", ["train-teacher", "reflow"])
+@pytest.mark.parametrize("command", ["train-teacher", "recipe"])
 def test_config_not_text(capsys, tmp_path, command, kind, needle):
     cfg = tmp_path / ("teacher.png" if kind == "png" else "cfg.yaml")
     if kind == "png":
@@ -182,7 +182,8 @@ def test_config_not_text(capsys, tmp_path, command, kind, needle):
     else:
         cfg.write_bytes(b"out_dir: a\x07b\n")
     before = snapshot(tmp_path)
-    one_line_error(run(capsys, command, cfg), f"config file {cfg}", "not a text file", needle, "YAML")
+    what = "recipe" if command == "recipe" else "config"
+    one_line_error(run(capsys, command, cfg), f"{what} file {cfg}", "not a text file", needle, "YAML")
     assert snapshot(tmp_path) == before
 
 
@@ -478,8 +479,8 @@ def test_parse_flags_between_overrides():
     )
     a = parse_args(["train-teacher", "out_dir=x", "--overwrite", "train.steps=3"])
     assert (a.config, a.overrides, a.overwrite) == ("out_dir=x", ["train.steps=3"], True)
-    a = parse_args(["reflow", "c.yaml", "x=1", "--no-report", "y=2"])
-    assert (a.config, a.overrides, a.no_report) == ("c.yaml", ["x=1", "y=2"], True)
+    a = parse_args(["recipe", "c.yaml", "x=1", "--no-report", "y=2"])
+    assert (a.recipe, a.overrides, a.no_report) == ("c.yaml", ["x=1", "y=2"], True)
     assert parse_args(["sample", "RUN"]).plugin == []
 
 
@@ -768,10 +769,10 @@ def test_plugin_import_failures(capsys, tmp_path, clean_registries):
 
 
 @pytest.mark.parametrize(
-    "command", ["train-teacher", "distill", "couple", "reflow", "sample", "eval", "export", "demo"]
+    "command", ["train-teacher", "distill", "couple", "recipe", "sample", "eval", "export", "demo"]
 )
 def test_every_subcommand_takes_plugin(command):
-    argv = {"sample": ["R"], "eval": ["R"], "export": ["R", "O"], "reflow": ["c.yaml"]}.get(command, [])
+    argv = {"sample": ["R"], "eval": ["R"], "export": ["R", "O"], "recipe": ["c.yaml"]}.get(command, [])
     assert parse_args([command, *argv, "--plugin", "a", "--plugin", "b.py"]).plugin == ["a", "b.py"]
 
 

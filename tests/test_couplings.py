@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowdistill.api import couple_teacher
 from flowdistill.cli import main as cli_main
 from flowdistill.core.guidance import GuidanceSpec
 from flowdistill.core.rng import StepRNG
-from flowdistill.couplings.generation import CoupleSpec, generate_couplings, shard_inputs
+from flowdistill.data.coupling_generation import CoupleSpec, shard_inputs
 from flowdistill.data.couplings import (
     MANIFEST,
     CouplingError,
@@ -71,7 +72,7 @@ SMALL = {"n_pairs": 230, "shard_size": 50, "chunk_size": 25, "solver": "rk4", "n
 
 @pytest.fixture
 def small_store(tmp_path, teachers):
-    root = generate_couplings(teachers[0], tmp_path / "a", CoupleSpec(**SMALL), (2,), progress=False)
+    root = couple_teacher(teachers[0], tmp_path / "a", CoupleSpec(**SMALL), (2,), progress=False)
     return root
 
 
@@ -83,7 +84,7 @@ def test_two_processes_give_byte_identical_store(tmp_path, teachers):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = generate_couplings(teachers[0], tmp_path / "one" / "couplings", CoupleSpec(**spec), (2,),
+        one = couple_teacher(teachers[0], tmp_path / "one" / "couplings", CoupleSpec(**spec), (2,),
                                  progress=False)
     finally:
         torch.set_num_threads(threads)
@@ -137,7 +138,7 @@ def test_sigkill_then_resume_gives_exactly_the_requested_pairs(tmp_path, teacher
     store.verify()
     assert store.load_all()["sample"].shape[0] == 2000
     assert not list(root.glob(".*tmp*"))
-    ref = generate_couplings(teachers[0], tmp_path / "ref", CoupleSpec(**spec), (2,), progress=False)
+    ref = couple_teacher(teachers[0], tmp_path / "ref", CoupleSpec(**spec), (2,), progress=False)
     assert files(ref) == files(root)
 
 
@@ -155,7 +156,7 @@ def test_corrupt_and_foreign_shards_are_refused_by_name(tmp_path, teachers, smal
         src.get_many(torch.tensor([0, 60]))  # a batch that needs a row of shard 1
     # resume repairs it (and only it)
     before = files(root)
-    generate_couplings(teachers[0], root, CoupleSpec(**SMALL), (2,), resume=True, progress=False)
+    couple_teacher(teachers[0], root, CoupleSpec(**SMALL), (2,), resume=True, progress=False)
     after = files(root)
     assert after[shard_name(1)] != bytes(raw)
     assert {k: v for k, v in after.items() if k != shard_name(1)} == \
@@ -171,7 +172,7 @@ def test_corrupt_and_foreign_shards_are_refused_by_name(tmp_path, teachers, smal
     with pytest.raises(CouplingError, match=r"shard-000002\.safetensors: tensor 'noise' has shape \[50, 1\]"):
         CouplingStore(root).load_shard(2)
     # 3. a shard of another teacher (its own record copied along, so the checksum matches)
-    other = generate_couplings(teachers[1], tmp_path / "b", CoupleSpec(**SMALL), (2,), progress=False)
+    other = couple_teacher(teachers[1], tmp_path / "b", CoupleSpec(**SMALL), (2,), progress=False)
     (root / shard_name(3)).write_bytes((other / shard_name(3)).read_bytes())
     add_shard(root, next(s for s in read_manifest(other)["shards"] if s["index"] == 3))
     with pytest.raises(CouplingError, match=r"shard-000003\.safetensors: made by another teacher"):
@@ -277,7 +278,7 @@ def test_conditional_guided_store_keeps_labels_and_null_share(tmp_path):
     MLPFlowNet(data_dim=2, hidden=32, depth=2, num_classes=8).save_pretrained(str(tmp_path / "t"))
     spec = CoupleSpec(n_pairs=400, shard_size=200, chunk_size=100, solver="euler", nfe=4, uncond_share=0.25)
     cfg = GuidanceSpec(scale=2.0)
-    root = generate_couplings(tmp_path / "t", tmp_path / "c", spec, (2,), conditional=True, progress=False,
+    root = couple_teacher(tmp_path / "t", tmp_path / "c", spec, (2,), conditional=True, progress=False,
                               guidance=cfg)
     src = CouplingSource(CouplingStore(root))
     assert src.num_classes == 8 and len(src) == 400
@@ -287,16 +288,16 @@ def test_conditional_guided_store_keeps_labels_and_null_share(tmp_path):
     assert 0.15 < null < 0.35 and set(everything["cond"].unique().tolist()) == set(range(9))
     assert set(src.local_batch(StepRNG(0, 0).generator(), 0, 1, 16)) == {"x", "noise", "cond"}
     # guidance changed the pairs: an unguided store of the same noise differs
-    plain = generate_couplings(tmp_path / "t", tmp_path / "p", spec, (2,), conditional=True, progress=False)
+    plain = couple_teacher(tmp_path / "t", tmp_path / "p", spec, (2,), conditional=True, progress=False)
     p = CouplingStore(plain).load_all()
     assert torch.equal(p["noise"], everything["noise"]) and torch.equal(p["cond"], everything["cond"])
     assert not torch.allclose(p["sample"], everything["x"])
     with pytest.raises(ConfigError, match="guidance.scale=2.0 needs a class-conditional teacher"):
-        generate_couplings(tmp_path / "t", tmp_path / "u", spec, (2,), conditional=False, progress=False,
+        couple_teacher(tmp_path / "t", tmp_path / "u", spec, (2,), conditional=False, progress=False,
                            guidance=cfg)
     # the store records its guidance: resuming it with other guidance is refused, with the same resumes
     with pytest.raises(CouplingError, match="'guidance' differs"):
-        generate_couplings(tmp_path / "t", root, spec, (2,), conditional=True, progress=False, resume=True)
+        couple_teacher(tmp_path / "t", root, spec, (2,), conditional=True, progress=False, resume=True)
     assert read_manifest(root)["guidance"]["scale"] == 2.0
-    generate_couplings(tmp_path / "t", root, spec, (2,), conditional=True, progress=False, resume=True,
+    couple_teacher(tmp_path / "t", root, spec, (2,), conditional=True, progress=False, resume=True,
                        guidance=cfg)

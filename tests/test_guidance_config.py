@@ -26,8 +26,8 @@ from flowdistill.core.sampling import sample_velocity
 from flowdistill.errors import ConfigError
 from flowdistill.kernels import euler_step
 from flowdistill.models.mlp import MLPFlowNet
+from flowdistill.models.teachers import guide
 from flowdistill.runs import export_student
-from flowdistill.teachers import guide
 
 NULL = 4  # the null label of a 4-class net
 

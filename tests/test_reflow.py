@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowdistill.api import train
+from flowdistill.api import couple_teacher, train
 from flowdistill.config import load_config
 from flowdistill.core.losses import premetric, pseudo_huber
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.sampling import sample_velocity
-from flowdistill.couplings.generation import CoupleSpec, generate_couplings
+from flowdistill.data.coupling_generation import CoupleSpec
 from flowdistill.data.couplings import CouplingError
 from flowdistill.data.loader import batch_for
 from flowdistill.distillers.reflow import InstaFlow, InstaFlowConfig, Reflow, ReflowConfig, sample_noise_reuse
@@ -121,8 +121,8 @@ def test_distillers_train_on_their_teachers_couplings_only(tmp_path):
     teacher, other = _net(0), _net(1)
     teacher.save_pretrained(str(tmp_path / "t"))
     other.save_pretrained(str(tmp_path / "o"))
-    generate_couplings(tmp_path / "t", tmp_path / "ct", spec, (2,), progress=False)
-    generate_couplings(tmp_path / "o", tmp_path / "co", spec, (2,), progress=False)
+    couple_teacher(tmp_path / "t", tmp_path / "ct", spec, (2,), progress=False)
+    couple_teacher(tmp_path / "o", tmp_path / "co", spec, (2,), progress=False)
     ok = Reflow(ReflowConfig(couplings=str(tmp_path / "ct")), _net(0),
                 MLPFlowNet.from_pretrained(str(tmp_path / "t")))
     batch = batch_for(ok.batch_source(), 0, 0, local_batch=32)

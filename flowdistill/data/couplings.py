@@ -3,8 +3,9 @@
 A coupling is a noise draw ``ε ~ N(0, I)`` (with a condition ``c``) together with the teacher's
 ODE solution ``x = ODE_T(ε; 1 → 0)`` (Rectified Flow / InstaFlow, arXiv 2309.06380; rfpp,
 arXiv 2405.20320). This module is the *store*: its layout, the manifest, checksums, atomic writes,
-and the readers that verify what they load. Generating couplings needs the teacher and lives a
-layer up, in :mod:`flowdistill.couplings.generation`.
+and the readers that verify what they load. Generating couplings lives in
+:mod:`flowdistill.data.coupling_generation` (from a ready field; :func:`flowdistill.api.couple`
+builds the field from a job).
 
 Layout of a coupling directory::
 

@@ -4,7 +4,7 @@ METHODS.md §2, in the project's convention (``t`` = noise level, ``x_t = (1 −
 ``v = ε − x``, generation ``1 → 0``). Rectified Flow (Liu, Gong & Liu 2022) and InstaFlow (Liu et
 al., arXiv 2309.06380) run time the other way; rfpp ("Improving the Training of Rectified Flows",
 Lee, Lin & Fanti, arXiv 2405.20320) uses this direction. Both distillers train on couplings
-``(ε, x, c)`` written by ``flowdistill couple`` (:mod:`flowdistill.couplings`), where
+``(ε, x, c)`` written by ``flowdistill couple`` (:func:`flowdistill.api.couple`), where
 ``x = ODE_T(ε; 1 → 0)`` is the teacher's deterministic image of ``ε``.
 
 **Reflow** (``"reflow"``). The student starts as a copy of the teacher (a one-time velocity net)
@@ -57,7 +57,7 @@ from flowdistill.core.paths import PATHS
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.sampling import sample_velocity
 from flowdistill.core.timesteps import TimeSamplerConfig, build_grid
-from flowdistill.couplings.generation import CoupleSpec
+from flowdistill.data.coupling_generation import CoupleSpec
 from flowdistill.data.couplings import CouplingSource, CouplingStore, state_sha256
 from flowdistill.distillers.base import (
     BenchRow,

@@ -38,3 +38,36 @@ def load_model_dir(path: str | Path) -> nn.Module:
     except Exception as e:
         raise CheckpointError(f"could not load model from {path}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def find_model_dir(path: str | Path, what: str = "teacher") -> Path:
+    """The saved model a path names — the one place that decides it: a run directory's exported
+    ``student/``, or a saved model directory (``config.json``) itself.
+
+    ``assets/NAME`` that does not exist relative to the working directory names the shipped asset
+    (:func:`flowdistill.resources.asset_path`), so shipped configs work from an installed package.
+    A path that does not exist, is a file, or is a run directory without an exported student is a
+    :class:`~flowdistill.errors.CheckpointError` naming ``what`` (the option that gave the path).
+    """
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and p.parts[:1] == ("assets",) and len(p.parts) > 1:
+        from flowdistill.resources import asset_path
+
+        try:
+            p = asset_path(Path(*p.parts[1:]))
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+    if not p.exists():
+        raise CheckpointError(f"{what} {p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{what} {p} is a file; expected a run directory or a saved model "
+                              f"directory (with config.json)")
+    if (p / "student" / "config.json").is_file():
+        return p / "student"
+    if (p / "config.json").is_file():
+        return p
+    if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir():
+        raise CheckpointError(f"{what} {p} is a run directory without an exported student/ "
+                              f"(training unfinished?)")
+    raise CheckpointError(f"{what} {p} is neither a run directory nor a saved model directory "
+                          f"(no config.json)")

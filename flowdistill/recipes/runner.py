@@ -56,12 +56,12 @@ def _couplings_complete(cfg: JobConfig) -> bool:
 
 def _couple(cfg: JobConfig, stage: Stage, timings: Path, progress: bool) -> None:
     """Generate (or resume, or re-verify) the coupling store of ``cfg``."""
-    from flowdistill.couplings.pipeline import couple_job
+    from flowdistill.api import couple
 
     done = _couplings_complete(cfg)
     exists = (Path(cfg.distiller.couplings) / MANIFEST).is_file()
     t0 = time.perf_counter()
-    couple_job(cfg, resume=exists, progress=progress)
+    couple(cfg, resume=exists, progress=progress)
     if not done and PartialState().is_main_process:
         record_time(timings, f"{stage.name}/couple", time.perf_counter() - t0)
 

@@ -2,12 +2,13 @@
 
 Step 1 of reflow (Rectified Flow, Liu et al. 2022; InstaFlow, arXiv 2309.06380; rfpp,
 arXiv 2405.20320): draw noise (and conditions), integrate the — optionally guided — teacher ODE
-accurately from ``t = 1`` to ``t = 0``, and keep the pairs. The teacher is guided as the job's
-``guidance:`` section says (:func:`flowdistill.teachers.guidance_for`, the same field a
-distillation job's teacher is), e.g. ``ODE`` of ``v_∅ + w·(v_c − v_∅)`` for CFG; the settings are
-recorded in the store's header (``guidance``), so a store made with other guidance is refused on
-resume. The papers use about a million pairs
-(CIFAR-10), so generation is split across processes and survives being killed.
+accurately from ``t = 1`` to ``t = 0``, and keep the pairs. This module solves a ready velocity
+field; :func:`flowdistill.api.couple` builds it from a job — the teacher guided as the job's
+``guidance:`` section says (:mod:`flowdistill.models.teachers`, the same field a distillation job's
+teacher is), e.g. the ODE of ``v_∅ + w·(v_c − v_∅)`` for CFG — and the teacher's identity and
+guidance are recorded in the store's header, so a store made from another teacher or with other
+guidance is refused on resume. The papers use about a million pairs (CIFAR-10), so generation is
+split across processes and survives being killed.
 
 **Process-count independence.** Shard ``k``'s noise and conditions come from a CPU generator
 seeded by ``shard_seed(seed, k)`` alone, and the ODE is solved in fixed chunks of ``chunk_size``
@@ -50,15 +51,11 @@ from flowdistill.data.couplings import (
     shard_count,
     shard_name,
     shard_seed,
-    state_sha256,
     update_manifest,
-    weights_file_sha256,
     write_manifest,
     write_shard,
 )
 from flowdistill.errors import ConfigError
-from flowdistill.models.loading import load_model_dir
-from flowdistill.teachers import guidance_for
 
 
 @dataclass
@@ -117,12 +114,6 @@ class CoupleSpec:
         return d
 
 
-def model_dir(path: str | os.PathLike) -> Path:
-    """A run directory's exported ``student/``, or ``path`` itself (a saved model directory)."""
-    p = Path(path)
-    return p / "student" if (p / "student" / "config.json").is_file() else p
-
-
 @torch.no_grad()
 def solve_teacher(field: nn.Module, noise: Tensor, cond: Tensor | None, spec: CoupleSpec) -> Tensor:
     """``ODE_T(noise; 1 → 0)`` with the spec's solver (``dopri5`` with its tolerances, or fixed-step)."""
@@ -147,14 +138,14 @@ def shard_inputs(spec: CoupleSpec, index: int, sample_shape: tuple[int, ...],
     return noise, cond
 
 
-def _header(spec: CoupleSpec, teacher_path: Path, teacher: nn.Module, sample_shape: tuple[int, ...],
-            num_classes: int, guidance: dict) -> dict:
+def _header(spec: CoupleSpec, identity: dict, sample_shape: tuple[int, ...], num_classes: int) -> dict:
     return {
-        "format": FORMAT, "teacher": str(teacher_path), "teacher_sha256": weights_file_sha256(teacher_path),
-        "teacher_state_sha256": state_sha256(teacher), "seed": spec.seed, "n_pairs": spec.n_pairs,
+        "format": FORMAT, "teacher": str(identity["teacher"]), "teacher_sha256": identity["teacher_sha256"],
+        "teacher_state_sha256": identity["teacher_state_sha256"], "seed": spec.seed, "n_pairs": spec.n_pairs,
         "shard_size": spec.shard_size, "sample_shape": list(sample_shape), "dtype": spec.storage_dtype,
         "conditional": num_classes > 0, "num_classes": num_classes,
-        "generation": spec.generation_header(), "guidance": guidance, "shards": [], "complete": False,
+        "generation": spec.generation_header(), "guidance": identity.get("guidance", {}), "shards": [],
+        "complete": False,
     }
 
 
@@ -246,47 +237,31 @@ def _use_cpu(asked: bool) -> bool:
     return asked or env or (multi and not torch.cuda.is_available())
 
 
-def generate_couplings(teacher: str | os.PathLike, root: str | os.PathLike, spec: CoupleSpec,
-                       sample_shape: tuple[int, ...], conditional: bool = False, resume: bool = False,
-                       overwrite: bool = False, progress: bool = True,
-                       guidance: GuidanceSpec | None = None) -> Path:
-    """Write ``spec.n_pairs`` teacher couplings to ``root``; returns ``root``.
+def generate_couplings(field: nn.Module, root: str | os.PathLike, spec: CoupleSpec,
+                       sample_shape: tuple[int, ...], num_classes: int, identity: dict,
+                       resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Write ``spec.n_pairs`` couplings of the ready (guided) velocity ``field`` to ``root``.
 
-    ``teacher`` is a saved model directory or a run directory (its ``student/``). Under
-    ``torchrun``/``accelerate`` every process takes its share of the shards (gloo on CPU with
-    ``ACCELERATE_USE_CPU=1``). ``resume`` continues a killed or smaller store with the same
-    settings; ``overwrite`` replaces one. ``conditional`` draws labels uniformly from the
-    teacher's ``num_classes`` (an unconditional teacher cannot be conditional). ``guidance`` (the
-    job's ``guidance:`` section; ``None``: unguided) guides the teacher; classifier-free guidance
-    needs conditional couplings, and per-sample scales (``scale_range``) are not drawn here.
+    ``num_classes > 0`` draws labels (``uncond_share`` of them the null label ``num_classes``).
+    ``identity`` says what the field is — ``teacher`` (its path), ``teacher_sha256`` (its weights
+    file), ``teacher_state_sha256`` (its tensors), ``guidance`` (the guidance header) — and is kept
+    in the store's header, so a store of another teacher or guidance is refused on resume
+    (:func:`flowdistill.api.couple` builds both from a job). Under ``torchrun``/``accelerate``
+    every process takes its share of the shards (gloo on CPU with ``ACCELERATE_USE_CPU=1``).
+    ``resume`` continues a killed or smaller store with the same settings; ``overwrite`` replaces one.
     """
     spec.validate()
-    guidance = guidance if guidance is not None else GuidanceSpec()
-    if guidance.scale_range:
-        raise ConfigError(f"guidance.scale_range={list(guidance.scale_range)}: coupling generation guides "
-                          f"the teacher with one scale (guidance.scale); per-sample scales need a method "
-                          f"that draws them")
     state = PartialState(cpu=_use_cpu(spec.cpu))
     rank, world = state.process_index, state.num_processes
-    root, tdir = Path(root), model_dir(teacher)
-    net = load_model_dir(tdir)
-    num_classes = int(getattr(net.config, "num_classes", 0) or 0) if conditional else 0
-    if conditional and num_classes == 0:
-        raise ConfigError(f"data.conditional is set but the teacher in {tdir} is unconditional")
-    if guidance.active and not guidance.autoguidance and num_classes == 0:
-        raise ConfigError(f"{guidance.key}={guidance.scale} needs a class-conditional teacher and "
-                          f"data.conditional=true (couplings drawn without labels are not guided)")
-    guide = guidance_for(guidance, net, "teacher", tuple(sample_shape))
-    bad_sha = state_sha256(guide.bad) if guide is not None and guide.bad is not None else ""
-    header = _header(spec, tdir, net, tuple(sample_shape), num_classes, guidance.header(bad_sha))
-    net = net.to(state.device).eval().requires_grad_(False)
+    root = Path(root)
+    header = _header(spec, identity, tuple(sample_shape), num_classes)
     existing = _check_resumable(root, header, resume, overwrite)
     state.wait_for_everyone()
     if state.is_main_process:
         _prepare(root, header, existing)
     state.wait_for_everyone()
 
-    field = net if guide is None else guide(net).to(state.device)  # built once, as a distiller's teacher
+    field = field.to(state.device)
     records = {s["index"]: s for s in read_manifest(root)["shards"]}
     mine = [k for k in range(num_shards(spec.n_pairs, spec.shard_size)) if k % world == rank]
     todo = []

@@ -6,7 +6,7 @@ core cannot: it loads the weaker model that autoguidance names (a saved model di
 directory), checks it and the teacher against the settings, and turns every problem into a
 one-line :class:`~flowdistill.errors.ConfigError` naming the key. It serves every place a
 velocity teacher is built — a distillation job's teacher (``api.build_distiller_for``), coupling
-generation (``couplings.generation``) and sampling a flow-matching run (``api.load_run``) — so
+generation (``api.couple``) and sampling a flow-matching run (``api.load_run``) — so
 they cannot disagree.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from flowdistill.core.guidance import GuidanceSpec
 from flowdistill.core.registry import UnknownNameError
-from flowdistill.errors import ConfigError, FlowDistillError
+from flowdistill.errors import CheckpointError, ConfigError, FlowDistillError
 
 
 def num_classes_of(net: nn.Module) -> int:
@@ -46,16 +46,13 @@ class TeacherGuidance:
 
 
 def _weak_model_dir(path: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"guidance.autoguidance: {p} does not exist (name a weaker model of the same task: "
-                          f"a saved model directory or a run directory)")
-    if (p / "student" / "config.json").is_file():
-        return p / "student"
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"guidance.autoguidance: {p} is neither a saved model directory (config.json) "
-                          f"nor a run directory with an exported student/")
-    return p
+    from flowdistill.models.loading import find_model_dir
+
+    try:
+        return find_model_dir(path, "guidance.autoguidance")
+    except CheckpointError as e:
+        raise ConfigError(f"{e} (name a weaker model of the same task: a saved model directory or a "
+                          f"run directory)") from None
 
 
 def load_weak_model(spec: GuidanceSpec, net: nn.Module, role: str = "teacher",
