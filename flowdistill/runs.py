@@ -79,7 +79,7 @@ def check_run_dir(run_dir: Path, config_yaml: str, resume: bool, overwrite: bool
         elif resume:
             saved = run_dir / "config.yaml"
             if saved.exists():
-                _check_same(OmegaConf.to_container(read_yaml_file(saved, "--resume: saved config")),
+                _check_same(_with_defaults(read_yaml_file(saved, "--resume: saved config")),
                             OmegaConf.to_container(OmegaConf.create(config_yaml)))
             ck = run_dir / "checkpoints"
             for p in (ck, run_dir / "metrics.jsonl"):
@@ -115,6 +115,19 @@ def prepare_run_dir(run_dir: Path, config_yaml: str, resume: bool, overwrite: bo
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise RunDirError(f"cannot write the run directory {run_dir}: {e.strerror or e}{where}") from None
+
+
+def _with_defaults(saved: Any) -> Any:
+    """A saved config with every key a later version added at its default (a run saved before
+    ``guidance:`` or ``init`` existed resumes), or as saved when it no longer loads."""
+    from flowdistill.config import load_config_mapping, to_yaml
+    from flowdistill.errors import FlowDistillError
+
+    raw = OmegaConf.to_container(saved)
+    try:
+        return OmegaConf.to_container(OmegaConf.create(to_yaml(load_config_mapping(raw))))
+    except (FlowDistillError, ValueError, KeyError):
+        return raw
 
 
 def _check_same(saved: Any, new: Any, prefix: str = "") -> None:

@@ -3,6 +3,7 @@ stages, resume after a kill between stages with the same weights), and multi-sta
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -148,3 +149,73 @@ def test_a_recipe_killed_between_stages_resumes_to_the_uninterrupted_result(tmp_
     assert a.keys() == b.keys()
     for k in a:  # same seeds, same steps, resumed from exact checkpoints: bit-identical on one thread
         assert torch.equal(a[k], b[k]), k
+
+
+# -- schedules: two-stage training, progressive 4 → 2 → 1 -------------------------------------
+def _weights(run_dir: Path) -> dict:
+    return student_weights(run_dir)
+
+
+def test_a_two_stage_training_starts_stage_two_from_stage_one(tmp_path):
+    from flowdistill.api import build_distiller_for
+    from flowdistill.data.registry import build_dataset
+
+    f = _recipe(tmp_path, text=TWO_STAGE.replace(
+        "  - name: student\n    kind: distill\n    job:\n      teacher: ${{stage:teacher}}\n"
+        "      train: {student_train}\n"
+        "      distiller: {{name: freeflow, derivative: fd, correction_warmup: 0, fake_repeats: 1}}\n",
+        "  - name: finetune\n    kind: train\n    job:\n      init: ${{stage:teacher}}\n"
+        "      train: {student_train}\n"))
+    r = load_recipe(f, ["stages.finetune.train.lr=${recipe:lr2}"])
+    assert r.stage("finetune").job.train.lr == 1.0e-3
+    assert r.stage("finetune").job.init == str(r.stage("teacher").run_dir)
+    runs = run_recipe(f, ["stages.finetune.train.lr=${recipe:lr2}"], progress=False)
+    job = r.stage("finetune").job
+    start = build_distiller_for(job, build_dataset(job.data)).student.state_dict()
+    first = _weights(runs["teacher"])
+    assert all(torch.equal(start[k], first[k]) for k in first)  # stage 2 starts where stage 1 ended
+    final = _weights(runs["finetune"])
+    assert any(not torch.equal(final[k], first[k]) for k in first)  # and then trains on
+
+
+PROGRESSIVE = REPO / "configs" / "recipes" / "instaflow_progressive_checkerboard.yaml"
+
+
+def test_progressive_schedule_recipe_inits_each_stage_from_the_last_and_shares_couplings(tmp_path):
+    """The shipped 4 → 2 → 1-step InstaFlow recipe at tiny settings, from a tiny teacher."""
+    from flowdistill.api import build_distiller_for, train
+    from flowdistill.config import load_config
+    from tests.helpers import TINY_TEACHER
+
+    teacher = train(load_config(None, [f"out_dir={tmp_path / 't'}", *TINY_TEACHER, "train.steps=30",
+                                       "train.ckpt_every=0"]))
+    over = [f"out_dir={tmp_path / 'p'}", f"teacher={teacher}", "couple.n_pairs=256",  # vars.couple
+            "couple.shard_size=128", "couple.chunk_size=128", "couple.solver=rk4", "couple.nfe=8",
+            "train.steps=4", "train.batch_size=64", "train.warmup_steps=0", "train.ckpt_every=0",
+            "train.log_every=2",
+            "stages.2rf.train.steps=4", "stages.2rf.train.batch_size=64", "stages.2rf.train.warmup_steps=0",
+            "stages.2rf.train.ckpt_every=0"]
+    runs = run_recipe(PROGRESSIVE, over, report=False, progress=False)
+    r = load_recipe(PROGRESSIVE, over)
+    assert [r.stage(k).job.distiller.steps for k in ("k4", "k2", "k1")] == [4, 2, 1]
+    for prev, cur in (("k4", "k2"), ("k2", "k1")):
+        start = build_distiller_for(r.stage(cur).job).student.state_dict()
+        before = _weights(runs[prev])
+        assert all(torch.equal(start[k], before[k]) for k in before), cur  # initialised from prev
+    timings = json.loads((tmp_path / "p" / "timings.json").read_text())
+    assert "k4/couple" in timings and "k2/couple" not in timings and "k1/couple" not in timings  # one store
+
+
+def test_a_run_saved_before_new_config_keys_still_counts_as_finished(tmp_path):
+    """A finished stage whose config.yaml predates keys added later (guidance:, init) is not redone."""
+    import yaml
+
+    f = _recipe(tmp_path)
+    runs = run_recipe(f, progress=False)
+    saved = runs["teacher"] / "config.yaml"
+    d = yaml.safe_load(saved.read_text())
+    d.pop("guidance"), d.pop("init")
+    saved.write_text(yaml.safe_dump(d))
+    stamp = (runs["teacher"] / "student" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    run_recipe(f, progress=False)
+    assert (runs["teacher"] / "student" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
