@@ -75,8 +75,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kw: Any) -> None
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """``with atomic_dir(d) as tmp: fill(tmp)`` — the directory filled at ``tmp`` replaces ``d``
-    (an existing ``d`` is removed first) when the block ends without error; its files are synced
-    before the rename. On error the temporary directory is removed and ``d`` is left as it was."""
+    when the block ends without error (its files synced first; an existing ``d`` is moved aside
+    and removed by :func:`remove_dir`). On error the temporary directory is removed and ``d`` is
+    left as it was."""
     final = Path(path)
     tmp = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}"
     if tmp.exists():
@@ -89,12 +90,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 _fsync_file(Path(root) / name)
             fsync_dir(root)
         if final.exists():
-            shutil.rmtree(final)
+            remove_dir(final)
         os.replace(tmp, final)
         fsync_dir(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Remove a directory so that a kill never leaves it half-deleted under its own name: rename it
+    to a temporary name first (atomic), then delete (a kill mid-delete leaves a temporary that
+    :func:`clean_temporaries` removes)."""
+    p = Path(path)
+    trash = p.with_name(f".{p.name}.old{TMP_MARK}{os.getpid()}")
+    os.replace(p, trash)
+    fsync_dir(p.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def clean_temporaries(directory: str | os.PathLike) -> list[Path]:

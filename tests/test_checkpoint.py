@@ -31,9 +31,13 @@ def test_interrupted_write_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setattr(ck.torch, "save", boom)
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint(tmp_path, 6, _state(), {"student": {"x": 1}})
-    # the half-written one stays under a temporary name and is not listed
+    # an error mid-write removes the half-written one; only complete checkpoints are listed
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-0000005"]
-    assert any(p.name.startswith(".tmp-step-0000006") for p in tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000005"]
+    # a SIGKILL leaves the temporary (no cleanup runs): it is not listed, and resume removes it
+    (tmp_path / ".step-0000006.tmp-4242").mkdir()
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-0000005"]
+    assert [p.name for p in ck.clean_temporaries(tmp_path)] == [".step-0000006.tmp-4242"]
 
 
 def test_corrupt_and_missing(tmp_path):

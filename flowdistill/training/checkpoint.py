@@ -11,15 +11,15 @@ a checkpoint that resume picks up.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowdistill.atomic import atomic_dir, remove_dir
+from flowdistill.atomic import clean_temporaries as atomic_clean
 from flowdistill.errors import CheckpointError
 
 _STEP_RE = re.compile(r"^step-(\d{7,})$")
@@ -28,17 +28,6 @@ _STEP_RE = re.compile(r"^step-(\d{7,})$")
 def step_dir_name(step: int) -> str:
     """``step-0000123``."""
     return f"step-{step:07d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -57,48 +46,22 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically; keep only the newest ``keep`` if given."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save_tensors(model_state, tmp / "model.safetensors")
-    if ema_state is not None:
-        _save_tensors(ema_state, tmp / "ema.safetensors")
-    for name, st in optim_states.items():
-        torch.save(st, tmp / f"optim-{name}.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        _remove(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    with atomic_dir(final) as tmp:
+        _save_tensors(model_state, tmp / "model.safetensors")
+        if ema_state is not None:
+            _save_tensors(ema_state, tmp / "ema.safetensors")
+        for name, st in optim_states.items():
+            torch.save(st, tmp / f"optim-{name}.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
     if keep is not None and keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
-            _remove(old)
+            remove_dir(old)
     return final
 
 
-def _remove(path: Path) -> None:
-    """Remove a checkpoint directory so that a kill never leaves a partial ``step-*``: rename it to a
-    temporary name first (atomic), then delete (a kill mid-delete leaves a ``.tmp-*`` that
-    :func:`clean_temporaries` removes on resume)."""
-    trash = path.with_name(f".tmp-old-{path.name}-{os.getpid()}")
-    os.replace(path, trash)
-    _fsync_dir(path.parent)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def clean_temporaries(ckpt_root: Path) -> list[Path]:
-    """Remove ``.tmp-*`` directories a killed checkpoint write left behind; returns what was removed."""
-    if not ckpt_root.is_dir():
-        return []
-    gone = [p for p in ckpt_root.iterdir() if p.name.startswith(".tmp-")]
-    for p in gone:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    return gone
+    """Remove the temporaries a killed checkpoint write or pruning left behind; returns them."""
+    return atomic_clean(ckpt_root)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

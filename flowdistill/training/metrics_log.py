@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flowdistill.atomic import atomic_write_text
+
 
 class MetricsLog:
     """One JSON object per line in ``metrics.jsonl``; flushed and fsynced on every write."""
@@ -43,7 +45,7 @@ class MetricsLog:
                 continue  # a line cut by a crash
             if rec.get("step", 0) <= step:
                 keep.append(line)
-        self.path.write_text("".join(k + "\n" for k in keep))
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         self._keys = None
 
     def _line(self, record: dict[str, Any]) -> str:
@@ -68,16 +70,7 @@ class MetricsLog:
         return {k: record.get(k) for k in self._keys}
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                f.write("".join(self._line(r) + "\n" for r in records))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write_text(self.path, "".join(self._line(r) + "\n" for r in records))
 
     def read(self) -> list[dict[str, Any]]:
         """All complete records."""

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 
+from flowdistill.atomic import atomic_dir
 from flowdistill.errors import ConfigError, FlowDistillError, RunDirError
 
 GRIDS = ("uniform", "shifted")
@@ -111,22 +110,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False
                       f"{shown} at NFE 1, 2): distiller {run.cfg.distiller.name!r} samples differently "
                       f"from flow-map/Euler steps", stacklevel=2)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
     meta = {"run_dir": str(Path(run_dir).resolve()), "distiller": run.cfg.distiller.name,
             "sample_grid": getattr(run.cfg.distiller, "sample_grid", "uniform"),
             "two_time": bool(run.student.config.get("two_time", False)),
             "max_abs_diff_vs_run_sampler": diff,
             "load": "from flowdistill.integrations.diffusers import FlowDistillPipeline; "
                     "FlowDistillPipeline.from_pretrained(DIR)"}
-    (tmp / "flowdistill.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "pipeline.py").write_text(PIPELINE_SHIM)
-    (tmp / "README.md").write_text(model_card(run, out.name, diff))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "flowdistill.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "pipeline.py").write_text(PIPELINE_SHIM)
+        (tmp / "README.md").write_text(model_card(run, out.name, diff))
     return out
 
 
