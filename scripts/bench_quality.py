@@ -297,13 +297,18 @@ def add_ratios(rows: list[dict[str, Any]], teacher_label: str, problem_best: boo
 
 
 def bench_problem(problem: str, methods: list[str], explicit: dict[str, Path], runs_dir: Path, scale: float,
-                  n: int, seeds: list[int]) -> list[dict[str, Any]]:
-    """Train (or reuse) every method's rows on ``problem`` and evaluate them beside the teacher."""
+                  n: int, seeds: list[int], teachers: dict[str, Path] | None = None) -> list[dict[str, Any]]:
+    """Train (or reuse) every method's rows on ``problem`` and evaluate them beside the teacher
+    (``teachers[problem]`` when given, else the shipped one)."""
     from flowdistill.api import load_run
     from flowdistill.distillers import DISTILLERS
 
-    teacher = REPO / "assets" / "digits_teacher" if problem == "digits" else \
-        teacher_for(problem, runs_dir, scale)
+    if teachers and problem in teachers:
+        teacher = teachers[problem]
+    elif problem == "digits":
+        teacher = REPO / "assets" / "digits_teacher"
+    else:
+        teacher = teacher_for(problem, runs_dir, scale)
     fm = DISTILLERS.get("flow_matching")
     teacher_label = fm.bench_rows[0].label if fm.bench_rows else "teacher"
     runs: dict[str, tuple[Any, list[int]]] = {}
@@ -344,6 +349,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated distillers (default: every one with bench_rows)")
     ap.add_argument("--config", action="append", default=[], metavar="METHOD=PATH",
                     help="the job config or recipe a method's runs come from (repeatable)")
+    ap.add_argument("--teacher", action="append", default=[], metavar="PROBLEM=PATH",
+                    help="the teacher of a problem (a run or model directory; default: the shipped one)")
     ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                     help="import MODULE (name or .py path) first, as the CLI's --plugin")
     ap.add_argument("--n", type=int, default=4000, help="samples per toy evaluation")
@@ -364,6 +371,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for m in args.methods:
         DISTILLERS.get(m)  # an unknown name lists the registered ones
     args.config = dict(_pair(c, ap) for c in args.config)
+    args.teacher = dict(_pair(c, ap) for c in args.teacher)
     if not args.steps_scale > 0 or args.n < 2 or args.seeds < 1:
         ap.error("--steps-scale must be positive, --n >= 2, --seeds >= 1")
     if not args.problems and not args.digits:
@@ -373,7 +381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _pair(spec: str, ap: argparse.ArgumentParser) -> tuple[str, Path]:
     if "=" not in spec:
-        ap.error(f"--config takes METHOD=PATH, got {spec!r}")
+        ap.error(f"--config/--teacher take NAME=PATH, got {spec!r}")
     method, path = spec.split("=", 1)
     return method, Path(path)
 
@@ -395,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, Any]] = []
         for problem in [*args.problems, *(["digits"] if args.digits else [])]:
             rows += bench_problem(problem, args.methods, args.config, runs_dir, args.steps_scale, args.n,
-                                  seeds)
+                                  seeds, args.teacher)
     except (FlowDistillError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

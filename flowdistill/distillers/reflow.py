@@ -225,7 +225,11 @@ class Reflow(_CouplingDistiller):
     sample_options = {"solver": "a registered ODE solver (euler, heun, ...) or 'noise_reuse'; "
                                 "default sample_solver"}
     eval_nfe = (1, 2, 4, 128)
-    bench_rows = (BenchRow("2-RF"),)
+    bench_rows = (BenchRow("2-RF"),  # rfpp's choices (U-shaped t, pseudo-Huber) and their ablations
+                  BenchRow("2-RF uniform+l2", ("distiller.time_sampler.name=uniform", "distiller.loss=l2"),
+                           (1, 2, 4)),
+                  BenchRow("2-RF uniform+pseudo_huber", ("distiller.time_sampler.name=uniform",), (1, 2, 4)),
+                  BenchRow("2-RF u_shaped+l2", ("distiller.loss=l2",), (1, 2, 4)))
 
     def __init__(self, cfg: ReflowConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  inference_only: bool = False):
