@@ -41,6 +41,22 @@ def pseudo_huber(pred: Tensor, target: Tensor, c: float | None = None, **_) -> T
     return (d.pow(2).sum(dim=1) + c * c).sqrt().sub(c) / D
 
 
+@PREMETRICS.register("pseudo_huber_elementwise")
+def pseudo_huber_elementwise(pred: Tensor, target: Tensor, c: float | None = None, **_) -> Tensor:
+    """Elementwise pseudo-Huber ``mean_i(√((pred_i − target_i)² + c²) − c)`` per sample,
+    ``c = 0.001`` by default.
+
+    The form of PCM's and LCM's released training code (METHODS.md §3): each element is robustified
+    on its own, unlike :func:`pseudo_huber` (rfpp), which takes the norm of the whole sample first.
+    For ``|d_i| ≪ c`` it is ``d_i²/(2c)`` per element; for ``|d_i| ≫ c``, ``|d_i|`` (an L1 loss).
+    """
+    c = 0.001 if c is None else float(c)
+    if not c > 0:
+        raise ValueError(f"pseudo_huber_elementwise needs c > 0, got {c}")
+    d = _flat(pred - target)
+    return (d.pow(2) + c * c).sqrt().sub(c).mean(dim=1)
+
+
 @PREMETRICS.register("perceptual")
 def perceptual(pred: Tensor, target: Tensor, net: nn.Module | None = None, **_) -> Tensor:
     """Perceptual distance ``P(pred, target)`` of two data-space samples (``net`` from

@@ -55,6 +55,23 @@ class AffinePath:
         """``x_t = α(t)·x + σ(t)·ε``."""
         return bcast(self.alpha(t), x) * x + bcast(self.sigma(t), x) * eps
 
+    def forward_transition(self, x_s: Tensor, s: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        """Re-noise a state at the lower level ``s`` up to ``t ≥ s`` with fresh noise ``z``:
+
+            x_t = (α_t/α_s)·x_s + √(σ_t² − (α_t·σ_s/α_s)²)·z,
+
+        the Gaussian transition ``q(x_t | x_s)`` of the path (for ``x_s = α_s x + σ_s ε`` it gives
+        ``x_t = α_t x + σ_t ε'`` with ``ε'`` standard normal, so the marginals are kept). TCD's
+        stochastic sampler (γ) and LCM's multistep sampler (γ = 1, ``s = 0``) use it. ``s = t``
+        returns ``x_s`` unchanged; ``s [B]`` must be ``≤ t [B]`` and ``α_s > 0``.
+        """
+        if bool((s > t).any()):
+            raise ValueError("forward_transition re-noises upward only: s must be <= t")
+        a_s, a_t, sg_s, sg_t = self.alpha(s), self.alpha(t), self.sigma(s), self.sigma(t)
+        ratio = a_t / a_s
+        var = (sg_t.pow(2) - (ratio * sg_s).pow(2)).clamp_min(0.0)
+        return bcast(ratio, x_s) * x_s + bcast(var.sqrt(), x_s) * z
+
     def _det(self, t: Tensor) -> Tensor:
         return self.d_sigma(t) * self.alpha(t) - self.sigma(t) * self.d_alpha(t)
 
