@@ -9,8 +9,9 @@ the same way (``--methods NAME --config NAME=PATH``).
 Where a method's run comes from (first that exists):
 
 1. ``--config METHOD=PATH`` — a job config, or a recipe (a file with ``stages``);
-2. ``configs/<method>_<problem>.yaml`` (a job), else a recipe ``configs/recipes/*_<problem>.yaml``
-   with a stage whose distiller is the method (reflow and InstaFlow come from the reflow recipe);
+2. the row's declared ``source``: ``configs/<method>_<problem>.yaml`` (a job), or a recipe
+   ``configs/recipes/NAME_<problem>.yaml`` whose first stage of the method is the run (reflow and
+   InstaFlow declare ``recipes/reflow``);
 3. the same for ``checkerboard`` with ``data.name`` set to the problem.
 
 The teacher of a toy problem is the shipped ``assets/<problem>_teacher`` (else one trained with
@@ -84,8 +85,12 @@ def _recipe_stage(path: Path, method: str) -> str:
     return ""
 
 
-def find_source(method: str, problem: str, explicit: dict[str, Path]) -> Source | None:
-    """Where ``method``'s run on ``problem`` comes from (module docstring), or ``None``."""
+def find_source(method: str, source: str, problem: str, explicit: dict[str, Path]) -> Source | None:
+    """Where ``method``'s run on ``problem`` comes from (module docstring), or ``None``.
+
+    ``source`` is the row's declared :attr:`~flowdistill.distillers.base.BenchRow.source`: ``""``
+    for ``configs/<method>_<problem>.yaml``, ``"recipes/NAME"`` for ``configs/recipes/NAME_<problem>.yaml``.
+    """
     if method in explicit:
         p = explicit[method]
         if _is_recipe(p):
@@ -94,13 +99,15 @@ def find_source(method: str, problem: str, explicit: dict[str, Path]) -> Source 
         return Source(p, [f"data.name={problem}"])
     fallback = [("checkerboard", [problem])] if problem in TOY_PROBLEMS else []  # images need their own
     for name, extra in ((problem, []), *fallback):
-        job = CONFIGS / f"{method}_{name}.yaml"
-        if job.is_file():
-            return Source(job, [f"data.name={p}" for p in extra])
-        for recipe in sorted((CONFIGS / "recipes").glob(f"*_{name}.yaml")):
-            stage = _recipe_stage(recipe, method)
+        if source.startswith("recipes/"):
+            recipe = CONFIGS / "recipes" / f"{source.split('/', 1)[1]}_{name}.yaml"
+            stage = _recipe_stage(recipe, method) if recipe.is_file() else ""
             if stage:
                 return Source(recipe, [f"common.data.name={p}" for p in extra], stage)
+        else:
+            job = CONFIGS / f"{method}_{name}.yaml"
+            if job.is_file():
+                return Source(job, [f"data.name={p}" for p in extra])
     return None
 
 
@@ -315,11 +322,11 @@ def bench_problem(problem: str, methods: list[str], explicit: dict[str, Path], r
     student_nfes: set[int] = set()
     for method in methods:
         cls = DISTILLERS.get(method)
-        src = find_source(method, problem, explicit)
-        if src is None:
-            log(f"{problem}: no config for {method}; skipped (give --config {method}=PATH)")
-            continue
         for row in cls.bench_rows:
+            src = find_source(method, row.source, problem, explicit)
+            if src is None:
+                log(f"{problem}: no config for {method} ({row.label}); skipped (give --config {method}=PATH)")
+                continue
             run_dir = run_row(method, row.overrides, src, problem, teacher, runs_dir, scale)
             runs[row.label] = (load_run(run_dir), list(row.nfes(cls)))
             student_nfes |= set(row.nfes(cls))

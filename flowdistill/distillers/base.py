@@ -54,12 +54,16 @@ class BenchRow:
 
     ``label`` names the row in tables; ``overrides`` are ``key=value`` config overrides applied on
     top of the method's config (e.g. ``"distiller.mode=prediction"`` for an ablation); ``nfe`` are
-    the evaluation counts (``()``: the method's :attr:`Distiller.eval_nfe`).
+    the evaluation counts (``()``: the method's :attr:`Distiller.eval_nfe`). ``source`` names the
+    shipped config the row's run comes from, per problem: ``""`` is the job config
+    ``configs/<method>_<problem>.yaml``, ``"recipes/NAME"`` the recipe
+    ``configs/recipes/NAME_<problem>.yaml`` (its first stage of this method is the row's run).
     """
 
     label: str
     overrides: tuple[str, ...] = ()
     nfe: tuple[int, ...] = ()
+    source: str = ""
 
     def nfes(self, cls: type[Distiller]) -> tuple[int, ...]:
         """The row's NFEs, falling back to ``cls.eval_nfe``."""

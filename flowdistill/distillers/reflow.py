@@ -225,11 +225,12 @@ class Reflow(_CouplingDistiller):
     sample_options = {"solver": "a registered ODE solver (euler, heun, ...) or 'noise_reuse'; "
                                 "default sample_solver"}
     eval_nfe = (1, 2, 4, 128)
-    bench_rows = (BenchRow("2-RF"),  # rfpp's choices (U-shaped t, pseudo-Huber) and their ablations
+    bench_rows = (BenchRow("2-RF", source="recipes/reflow"),  # rfpp's choices (U-shaped t, pseudo-Huber)
                   BenchRow("2-RF uniform+l2", ("distiller.time_sampler.name=uniform", "distiller.loss=l2"),
-                           (1, 2, 4)),
-                  BenchRow("2-RF uniform+pseudo_huber", ("distiller.time_sampler.name=uniform",), (1, 2, 4)),
-                  BenchRow("2-RF u_shaped+l2", ("distiller.loss=l2",), (1, 2, 4)))
+                           (1, 2, 4), "recipes/reflow"),
+                  BenchRow("2-RF uniform+pseudo_huber", ("distiller.time_sampler.name=uniform",), (1, 2, 4),
+                           "recipes/reflow"),
+                  BenchRow("2-RF u_shaped+l2", ("distiller.loss=l2",), (1, 2, 4), "recipes/reflow"))
 
     def __init__(self, cfg: ReflowConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  inference_only: bool = False):
@@ -262,7 +263,7 @@ class InstaFlow(_CouplingDistiller):
     sample_options = {"solver": "ODE solver on the uniform grid; default euler (what the student was "
                                 "trained for)"}
     eval_nfe = (1,)
-    bench_rows = (BenchRow("InstaFlow (1-step)", (), (1,)),)
+    bench_rows = (BenchRow("InstaFlow (1-step)", (), (1,), "recipes/reflow"),)
 
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
         """Regress the student's data estimate at a grid time onto the coupled sample."""
