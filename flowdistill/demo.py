@@ -1,8 +1,8 @@
 """``flowdistill demo``: the README's default job on the built-in checkerboard problem.
 
 1. take the flow-matching teacher: the shipped ``assets/checkerboard_teacher`` (a run directory
-   trained by ``configs/teacher_checkerboard.yaml``, 3000 steps; see its README.md and
-   ``scripts/train_checkerboard_teacher.py``), or train it from that config when
+   trained by ``configs/teacher_checkerboard.yaml``, 10000 steps; see its README.md and
+   ``scripts/train_toy_teacher.py --problem checkerboard``), or train it from that config when
    ``train_teacher=True`` or the asset is not there (assets ship in the wheel: ``flowdistill.resources``);
 2. distil it data-free with FreeFlow into a few-step flow-map student
    (``configs/freeflow_checkerboard.yaml``, the benchmark's settings, with ``DISTILL_OVERRIDES``:
@@ -14,8 +14,8 @@
 
 Where the time goes (2 CPU cores, quiet): the FreeFlow distillation is nearly all of it (each step
 is about ten network evaluations, a forward-mode JVP and three optimiser steps: 85 ms with 2
-threads, 110 ms with 1); training the teacher as well adds about 40 s, which is why the shipped
-teacher is used by default; evaluation takes about 10 s. The benchmark's 2400 steps took 231 s
+threads, 110 ms with 1); training the teacher as well adds about 5 minutes (1 thread), which is
+why the shipped teacher is used by default; evaluation takes about 10 s. The benchmark's 2400 steps took 231 s
 alone; 1200 steps at lr 1.5e-3 (warm-ups halved) give the same student within the seed spread:
 sliced W2 at 1/2/4 jumps, mean over 5 evaluation seeds (n = 4000, spread ±0.006–0.010), 0.0338 /
 0.0357 / 0.0338 against 0.0331 / 0.0353 / 0.0340 for 2400 steps (1200 steps at lr 1e-3: 0.0344 /

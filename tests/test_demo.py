@@ -66,7 +66,7 @@ def test_shipped_teacher_is_what_its_config_trains():
     current = load_config(demo.CONFIG_DIR / "teacher_checkerboard.yaml")
     for section in ("model", "data", "train", "distiller"):
         assert getattr(shipped, section) == getattr(current, section), (
-            f"{section} differs: rerun scripts/train_checkerboard_teacher.py")
+            f"{section} differs: rerun scripts/train_toy_teacher.py --problem checkerboard")
 
 
 def test_cli_demo_takes_train_teacher_flag():
