@@ -19,7 +19,9 @@ why the shipped teacher is used by default; evaluation takes about 10 s. The ben
 alone; 1200 steps at lr 1.5e-3 (warm-ups halved) give the same student within the seed spread:
 sliced W2 at 1/2/4 jumps, mean over 5 evaluation seeds (n = 4000, spread ±0.006–0.010), 0.0338 /
 0.0357 / 0.0338 against 0.0331 / 0.0353 / 0.0340 for 2400 steps (1200 steps at lr 1e-3: 0.0344 /
-0.0368 / 0.0355); the teacher's 128-step Euler is 0.0330, the data floor 0.0280.
+0.0368 / 0.0355); the teacher's 128-step Euler is 0.0330, the data floor 0.0280. Those runs used
+the earlier 3000-step teacher; from the 10000-step one (2026-12-02, 128-step Euler 0.0304) the
+demo's student gives 0.0333 / 0.0322 / 0.0316 (same 5 seeds; 264 s for the demo at load ≈ 6).
 
 Threads: the networks are small (batch 512–1024, width 256), and intra-op threads that share
 their cores with other busy processes wait at every op's barrier: on a 2-core box with other jobs
