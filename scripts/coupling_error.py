@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     nfes = [int(v) for v in a.nfe.split(",")]
     teacher = load_run(a.teacher)
-    runs = {lab: load_run(path) for lab, path in (r.split("=", 1) for r in a.run)}
+    runs = {lab: load_run(path) for lab, path in (r.rsplit("=", 1) for r in a.run)}
     per: dict[str, dict[int, list[float]]] = {}
     for seed in range(a.seeds):
         g = torch.Generator().manual_seed(10_000 + seed)

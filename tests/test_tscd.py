@@ -157,6 +157,7 @@ def test_online_and_ema_targets():
     assert online.target.net is student
     lcm = LCM(LCM.Config(), student, teacher)
     assert lcm.cfg.segments == 1 and lcm.target.mode == "ema" and lcm.cfg.target_decay == 0.95
+    assert lcm.cfg.sample_gamma == 1.0  # LCM's multistep sampler
     pcm = PCM(PCM.Config(), student, teacher)
     assert pcm.target.mode == "online" and pcm.cfg.loss == "pseudo_huber_elementwise"
     assert pcm.cfg.huber_c == 0.001

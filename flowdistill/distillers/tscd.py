@@ -253,11 +253,13 @@ class TSCD(Distiller):
 
 @dataclass
 class LCMConfig(TSCDConfig):
-    """LCM: one segment (every sample jumps to ``t_0``) with an EMA target, decay 0.95."""
+    """LCM: one segment (every sample jumps to ``t_0``) with an EMA target, decay 0.95, sampled
+    with LCM's multistep sampler (``γ = 1``: jump to 0, re-noise to the next time)."""
 
     name: str = "lcm"
     segments: int = 1
     target: str = "ema"
+    sample_gamma: float = 1.0
 
 
 @register_distiller("lcm")
@@ -267,7 +269,10 @@ class LCM(TSCD):
     The target is an **EMA** copy with decay 0.95, as LCM's full-model distillation: here the whole
     student is trained (no LoRA), which is the setting of LCM's EMA target; LCM-LoRA (and PCM)
     use the online student instead (``distiller.target=online``). The loss stays the elementwise
-    pseudo-Huber with ``c = 0.001`` of LCM's released code."""
+    pseudo-Huber with ``c = 0.001`` of LCM's released code. A one-segment student is trained only
+    for jumps to ``t_0 = 0``, so its multistep sampler defaults to ``γ = 1`` (LCM's: predict the
+    sample, re-noise it to the next time with fresh noise); ``gamma=0`` asks for the
+    deterministic edge-to-edge jumps, which it was not trained for."""
 
     Config = LCMConfig
     bench_rows = (BenchRow("LCM (k=1)", (), (1, 2, 4, 8)),)
