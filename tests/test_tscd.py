@@ -263,6 +263,7 @@ def test_progressive_recipe_runs_8_4_2_1_each_stage_from_the_last(tmp_path):
             "train.warmup_steps=0", "train.ckpt_every=0", "train.log_every=1"]
     r = load_recipe(recipe, over)
     assert [r.stage(k).job.distiller.segments for k in ("k8", "k4", "k2", "k1")] == [8, 4, 2, 1]
+    assert [r.stage(k).job.distiller.target for k in ("k8", "k4", "k2", "k1")] == ["online"] * 3 + ["ema"]
     runs = run_recipe(recipe, over, report=False, progress=False)
     for prev, cur in (("k8", "k4"), ("k4", "k2"), ("k2", "k1")):
         start = build_distiller_for(r.stage(cur).job).student.state_dict()
