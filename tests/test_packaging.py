@@ -19,7 +19,7 @@ from tests.helpers import REPO
 
 SHIPPED_CONFIGS = ("teacher_checkerboard.yaml", "teacher_digits.yaml", "freeflow_checkerboard.yaml",
                    "freeflow_8gaussians.yaml", "freeflow_spirals.yaml", "freeflow_digits.yaml",
-                   "reflow_checkerboard.yaml", "reflow_digits.yaml")
+                   "recipes/reflow_checkerboard.yaml", "recipes/reflow_digits.yaml")
 SHIPPED_ASSETS = ("digits_classifier.safetensors", "digits_teacher", "checkerboard_teacher")
 
 
