@@ -100,8 +100,9 @@ def find_source(method: str, source: str, problem: str, explicit: dict[str, Path
     fallback = [("checkerboard", [problem])] if problem in TOY_PROBLEMS else []  # images need their own
     for name, extra in ((problem, []), *fallback):
         if source.startswith("recipes/"):
-            recipe = CONFIGS / "recipes" / f"{source.split('/', 1)[1]}_{name}.yaml"
-            stage = _recipe_stage(recipe, method) if recipe.is_file() else ""
+            stem, _, named = source.split("/", 1)[1].partition(":")
+            recipe = CONFIGS / "recipes" / f"{stem}_{name}.yaml"
+            stage = (named or _recipe_stage(recipe, method)) if recipe.is_file() else ""
             if stage:
                 return Source(recipe, [f"common.data.name={p}" for p in extra], stage)
         else:

@@ -57,7 +57,8 @@ class BenchRow:
     the evaluation counts (``()``: the method's :attr:`Distiller.eval_nfe`). ``source`` names the
     shipped config the row's run comes from, per problem: ``""`` is the job config
     ``configs/<method>_<problem>.yaml``, ``"recipes/NAME"`` the recipe
-    ``configs/recipes/NAME_<problem>.yaml`` (its first stage of this method is the row's run).
+    ``configs/recipes/NAME_<problem>.yaml`` (its first stage of this method is the row's run;
+    ``"recipes/NAME:STAGE"`` names the stage, e.g. the last of a progressive schedule).
     """
 
     label: str

@@ -152,7 +152,8 @@ class TSCD(Distiller):
     sample_options = {"gamma": "TCD stochastic γ in [0, 1] (0 = deterministic); default sample_gamma",
                       "seed": "seed of the fresh noise of gamma > 0 (default 0)"}
     eval_nfe = (1, 2, 4, 8)
-    bench_rows = (BenchRow("TSCD (k=4)", (), (1, 2, 4, 8)),)
+    bench_rows = (BenchRow("TSCD (k=4)", (), (1, 2, 4, 8)),
+                  BenchRow("TSCD progressive 8→4→2→1", (), (1, 2, 4, 8), "recipes/tscd_progressive:k1"))
 
     def __init__(self, cfg: TSCDConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  inference_only: bool = False):
