@@ -8,8 +8,8 @@ nothing that existed before is changed. ``FLOWDISTILL_TRACEBACK=1`` re-raises a 
 ``OSError`` with its traceback.
 
 Flags may stand anywhere among the ``key=value`` overrides (``distill CFG a=1 --resume b=2``).
-``--plugin MODULE`` (every sub-command, repeatable) imports a module by name or a ``.py`` file by
-path before the config is read, so the datasets, models and distillers it registers can be named
+``--plugin MODULE`` (every sub-command, repeatable; :mod:`flowdistill.plugins`) imports a module
+by name or a ``.py`` file by path before the config is read, so the datasets, models and distillers it registers can be named
 in the config; configs themselves never import anything.
 
 ``config show CONFIG [key=value ...]`` prints the config a job would run (every default filled
@@ -22,16 +22,14 @@ class-conditional run. ``--help`` of every command shows each option's default.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 from flowdistill.core.registry import UnknownNameError
-from flowdistill.errors import FlowDistillError, PluginError
+from flowdistill.errors import FlowDistillError
+from flowdistill.plugins import load_plugins
 
 
 def _nfe_list(s: str) -> list[int]:
@@ -109,68 +107,6 @@ def _is_main_process() -> bool:
     from accelerate import PartialState
 
     return bool(PartialState().is_main_process)
-
-
-def _is_path(spec: str) -> bool:
-    return spec.endswith(".py") or "/" in spec or (os.altsep is not None and os.altsep in spec)
-
-
-def _import_file(spec: str) -> ModuleType:
-    """Import the ``.py`` file (or package directory) ``spec`` under its own stem as module name."""
-    path = Path(spec)
-    if not path.exists():
-        raise PluginError(f"--plugin {spec}: no such file")
-    is_pkg = path.is_dir()
-    file = path / "__init__.py" if is_pkg else path
-    if is_pkg and not file.is_file():
-        raise PluginError(f"--plugin {spec}: a directory without __init__.py is not a Python package")
-    if file.suffix != ".py":
-        raise PluginError(f"--plugin {spec}: not a Python file (expected a .py file or a module name)")
-    name = path.resolve().name if is_pkg else path.stem
-    have = sys.modules.get(name)
-    if have is not None:
-        if getattr(have, "__file__", None) and Path(have.__file__).resolve() == file.resolve():
-            return have  # imported before (a second --plugin of the same file)
-        raise PluginError(f"--plugin {spec}: the module name {name!r} is taken by "
-                          f"{getattr(have, '__file__', None) or 'a built-in module'}; rename the file")
-    mspec = importlib.util.spec_from_file_location(
-        name, file, submodule_search_locations=[str(path)] if is_pkg else None)
-    if mspec is None or mspec.loader is None:
-        raise PluginError(f"--plugin {spec}: cannot be loaded as a Python module")
-    module = importlib.util.module_from_spec(mspec)
-    sys.modules[name] = module
-    try:
-        mspec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
-
-
-def load_plugins(specs: Iterable[str]) -> list[ModuleType]:
-    """Import each ``--plugin``: a module name (``importlib.import_module``, looked up on
-    ``sys.path``) or a path to a ``.py`` file or package directory (imported under its stem).
-
-    The datasets, models and distillers a module registers on import can then be named in a
-    config. Importing the same module again is a no-op. A module that cannot be found or that
-    raises while importing is a :class:`~flowdistill.errors.PluginError` naming it and the error.
-    """
-    modules = []
-    for spec in specs:
-        try:
-            modules.append(_import_file(spec) if _is_path(spec) else importlib.import_module(spec))
-        except PluginError:
-            raise
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else ""
-            hint = ""
-            missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
-            if missing and (spec == missing or spec.startswith(missing + ".")):
-                hint = (" (a module name is looked up on sys.path; give a file by its path, "
-                        f"e.g. --plugin ./{spec.replace('.', '/')}.py)")
-            raise PluginError(f"--plugin {spec}: importing it failed: {type(e).__name__}: "
-                              f"{msg}{hint}") from None
-    return modules
 
 
 def _cmd_train(args: argparse.Namespace, default_distiller: str) -> None:

@@ -365,9 +365,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=5, help="evaluation seeds (DESIGN §7: >= 5 for toys)")
     ap.add_argument("--seed", type=int, default=1234, help="first evaluation seed")
     args = ap.parse_args(argv)
-    from flowdistill.cli import load_plugins
     from flowdistill.data.toy2d import TOY_DATASETS
     from flowdistill.distillers import DISTILLERS
+    from flowdistill.plugins import load_plugins
 
     load_plugins(args.plugin)
     args.problems = [p.strip() for p in args.problems.split(",") if p.strip()]

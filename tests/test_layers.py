@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flowdistill"
 ORDER = ["cli", "recipes", "integrations", "jobs", "eval", "distillers", "training", "models", "data",
          "core", "kernels", "base"]
 TOP_FILES = {"cli": "cli", "demo": "cli", "__main__": "cli", "api": "jobs", "config": "jobs", "runs": "jobs",
-             "errors": "base", "atomic": "base", "resources": "base", "__init__": "base"}
+             "errors": "base", "atomic": "base", "resources": "base", "plugins": "base", "__init__": "base"}
 
 
 def layer(module: str) -> str:
