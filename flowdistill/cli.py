@@ -9,8 +9,8 @@ nothing that existed before is changed. ``FLOWDISTILL_TRACEBACK=1`` re-raises a 
 
 Flags may stand anywhere among the ``key=value`` overrides (``distill CFG a=1 --resume b=2``).
 ``--plugin MODULE`` (every sub-command, repeatable; :mod:`flowdistill.plugins`) imports a module
-by name or a ``.py`` file by path before the config is read, so the datasets, models and distillers it registers can be named
-in the config; configs themselves never import anything.
+by name or a ``.py`` file by path before the config is read, so the datasets, models and
+distillers it registers can be named in the config; configs themselves never import anything.
 
 ``config show CONFIG [key=value ...]`` prints the config a job would run (every default filled
 in). ``sample`` and ``eval`` take a run directory or a saved model directory (``load_run``);
