@@ -67,7 +67,7 @@ from flowdistill.distillers.base import (
     register_distiller,
 )
 from flowdistill.errors import ConfigError
-from flowdistill.models.perceptual import PERCEPTUAL_NETS, build_perceptual
+from flowdistill.models.perceptual import PERCEPTUAL_NETS, LazyPerceptual
 
 NOISE_REUSE = "noise_reuse"
 REFLOW_LOSSES = ("l2", "pseudo_huber", "lpips_huber")
@@ -186,7 +186,7 @@ class _CouplingDistiller(Distiller):
         self.path = PATHS.build("linear")
         self.num_classes = int(getattr(getattr(student, "config", None), "num_classes", 0) or 0)
         self._source: CouplingSource | None = None
-        self._perceptual: list[nn.Module] = []  # kept out of the module tree (not checkpointed)
+        self._perceptual = LazyPerceptual(cfg.perceptual, cfg.perceptual_weights)
 
     def coupling_source(self) -> CouplingSource:
         """The verified coupling store, opened on first use."""
@@ -204,11 +204,7 @@ class _CouplingDistiller(Distiller):
 
     def perceptual_net(self, device) -> nn.Module:
         """The frozen perceptual net (built on first use, on ``device``)."""
-        if not self._perceptual:
-            self._perceptual.append(build_perceptual(self.cfg.perceptual, self.cfg.perceptual_weights))
-        net = self._perceptual[0].to(device)
-        self._perceptual[0] = net
-        return net
+        return self._perceptual(device)
 
     def _premetric(self, name: str, pred: Tensor, target: Tensor, **kw) -> Tensor:
         if name in _PERCEPTUAL_LOSSES:

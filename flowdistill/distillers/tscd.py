@@ -85,7 +85,7 @@ from flowdistill.distillers.base import (
     register_distiller,
 )
 from flowdistill.errors import ConfigError
-from flowdistill.models.perceptual import PERCEPTUAL_NETS, build_perceptual
+from flowdistill.models.perceptual import PERCEPTUAL_NETS, LazyPerceptual
 
 TSCD_LOSSES = ("pseudo_huber_elementwise", "l2", "perceptual")
 
@@ -164,7 +164,7 @@ class TSCD(Distiller):
         self.path = PATHS.build("linear")
         #: θ⁻: the online student (no weights of its own) or an EMA copy (checkpointed with the distiller)
         self.target = TargetNetwork(student, cfg.target, cfg.target_decay)
-        self._perceptual: list[nn.Module] = []  # kept out of the module tree (not checkpointed)
+        self._perceptual = LazyPerceptual(cfg.perceptual, cfg.perceptual_weights)
 
     # -- grid --------------------------------------------------------------------------
     def grid_ascending(self, device, dtype: torch.dtype) -> Tensor:
@@ -207,10 +207,7 @@ class TSCD(Distiller):
         if self.cfg.loss == "pseudo_huber_elementwise":
             kw["c"] = self.cfg.huber_c
         elif self.cfg.loss == "perceptual":
-            if not self._perceptual:
-                self._perceptual.append(build_perceptual(self.cfg.perceptual, self.cfg.perceptual_weights))
-            self._perceptual[0] = self._perceptual[0].to(pred.device)
-            kw["net"] = self._perceptual[0]
+            kw["net"] = self._perceptual(pred.device)
         return premetric(self.cfg.loss)(pred, target, **kw)
 
     def after_step(self, step: int, group: str) -> None:

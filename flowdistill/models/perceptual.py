@@ -27,6 +27,24 @@ def build_perceptual(name: str, weights: str = "") -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
+class LazyPerceptual:
+    """A frozen perceptual net built on first use and moved to the caller's device.
+
+    Not an ``nn.Module``: held as a distiller attribute it stays out of the module tree, so it is
+    never checkpointed, wrapped by the engine or counted as trainable."""
+
+    def __init__(self, name: str, weights: str = ""):
+        self.name, self.weights = name, weights
+        self._net: nn.Module | None = None
+
+    def __call__(self, device) -> nn.Module:
+        """The net on ``device`` (built the first time)."""
+        if self._net is None:
+            self._net = build_perceptual(self.name, self.weights)
+        self._net = self._net.to(device)
+        return self._net
+
+
 @PERCEPTUAL_NETS.register("random_conv")
 class RandomFeatureDistance(nn.Module):
     """Fixed random-feature distance: needs no weights, runs offline, accepts any shape.
