@@ -284,3 +284,25 @@ def test_coupling_error_is_zero_for_the_exact_flow_map_and_sees_a_wrong_coupling
     # the right distribution, the wrong coupling (ε ↦ −ODE(ε) is as good a sample of the target)
     flipped = coupling_error(lambda z, k: -d.sample(z, k), ref, eps, (1,))
     assert flipped[1] == pytest.approx(float((2 * ref).norm(dim=1).mean()))
+
+
+def test_unified_student_draws_its_segmentation_per_sample():
+    """``segment_choices=[1, 4]``: every sample's edge is the lower edge of its ``t'`` under k = 1 or
+    k = 4, both segmentations occur, and the loss still vanishes at the exact flow map."""
+    from flowdistill.core.segments import edge_below, segment_edges
+
+    teacher = LinearStraightField(0.3)
+    d = _tscd(FlowMapOf(teacher, 1.0), teacher, segments=4, num_steps=20, segment_choices=[1, 4])
+    assert d.cfg.trained_segments == (1, 4)
+    grid = d.grid_ascending("cpu", torch.float64)
+    tp = grid[torch.randint(20, (512,), generator=torch.Generator().manual_seed(0))]
+    e = d.sample_edges(tp, grid, StepRNG(0, 0))
+    e1, e4 = edge_below(tp, segment_edges(grid, 1)), edge_below(tp, segment_edges(grid, 4))
+    assert bool(((e == e1) | (e == e4)).all())
+    differ = e1 != e4
+    assert bool((e[differ] == e1[differ]).any()) and bool((e[differ] == e4[differ]).any())
+    batch = {"x": torch.randn(256, 2, dtype=torch.float64)}
+    assert float(d.loss(batch, 0, "student", StepRNG(0, 0))["loss"].detach()) < 1e-10
+    for bad in ([0], [4, 21], [2.5]):
+        with pytest.raises(ConfigError, match="segment_choices"):
+            TSCDConfig(num_steps=20, segment_choices=bad).validate()

@@ -36,6 +36,10 @@ The teacher arrives guided as the job's ``guidance:`` section says (a fixed scal
 ``cond + 3·(cond − uncond)``); per-sample ``w ~ U[w_min, w_max]`` fed to a ``w``-conditioned
 student (LCM) is not done here (``draws_guidance_scale = False``).
 
+**Unified student** (Hyper-SD's one model for every step count): ``segment_choices = [1, 2, 4, 8]``
+draws ``k`` per sample, so each sample trains the jump to the lower edge of *its* segmentation;
+the sampler with ``nfe = k`` then uses exactly the jumps trained for that ``k``.
+
 **Special cases** (one implementation, different config defaults): ``lcm`` is ``k = 1`` (every
 sample jumps to ``t_0``: the consistency function ``X(x_t, t, 0)``); ``pcm`` is a fixed ``k``
 with the online target and the elementwise pseudo-Huber; Hyper-SD trains ``k = 8 → 4 → 2 → 1``
@@ -63,7 +67,7 @@ The fresh noise comes from a generator seeded by the option ``seed`` (default 0)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +100,9 @@ class TSCDConfig(DistillerConfig):
 
     name: str = "tscd"
     segments: int = 4  # k: edges e_j = t_{floor(jN/k)} of the teacher grid
+    # unified student (Hyper-SD's one model for all step counts): per sample k ~ U(segment_choices);
+    # empty = the single k above
+    segment_choices: list[int] = field(default_factory=list)
     num_steps: int = 50  # N: the teacher's solver grid
     grid: str = "uniform"  # a registered time grid (uniform | shifted)
     shift: float = 3.0  # grid=shifted: SD3 shift of the teacher grid
@@ -115,6 +122,10 @@ class TSCDConfig(DistillerConfig):
         if not isinstance(self.segments, int) or not 1 <= self.segments <= self.num_steps:
             raise ConfigError(f"distiller.segments must be an integer in [1, distiller.num_steps="
                               f"{self.num_steps}], got {self.segments!r}")
+        for k in self.segment_choices:
+            if not isinstance(k, int) or not 1 <= k <= self.num_steps:
+                raise ConfigError(f"distiller.segment_choices must hold integers in [1, distiller.num_steps="
+                                  f"{self.num_steps}], got {list(self.segment_choices)!r}")
         if self.solver not in STEP_SOLVERS:
             raise ConfigError(f"distiller.solver must be one of {', '.join(STEP_SOLVERS)}, "
                               f"got {self.solver!r}")
@@ -135,6 +146,11 @@ class TSCDConfig(DistillerConfig):
         if not 0.0 <= self.sample_gamma <= 1.0:
             raise ConfigError(f"distiller.sample_gamma must be in [0, 1], got {self.sample_gamma}")
 
+    @property
+    def trained_segments(self) -> tuple[int, ...]:
+        """The segment counts the student trains for: ``segment_choices`` or ``(segments,)``."""
+        return tuple(self.segment_choices) or (self.segments,)
+
     def teacher_grid(self, device=None, dtype: torch.dtype = torch.float64) -> Tensor:
         """The teacher's grid ``t_N = 1 > … > t_0`` (sampling order)."""
         kw = {"shift": self.shift} if self.grid == "shifted" else {}
@@ -153,7 +169,9 @@ class TSCD(Distiller):
                       "seed": "seed of the fresh noise of gamma > 0 (default 0)"}
     eval_nfe = (1, 2, 4, 8)
     bench_rows = (BenchRow("TSCD (k=4)", (), (1, 2, 4, 8)),
-                  BenchRow("TSCD progressive 8→4→2→1", (), (1, 2, 4, 8), "recipes/tscd_progressive:k1"))
+                  BenchRow("TSCD progressive 8→4→2→1", (), (1, 2, 4, 8), "recipes/tscd_progressive:k1"),
+                  BenchRow("TSCD unified k∈{1,2,4,8}", ("distiller.segment_choices=[1,2,4,8]",),
+                           (1, 2, 4, 8)))
 
     def __init__(self, cfg: TSCDConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  inference_only: bool = False):
@@ -194,13 +212,23 @@ class TSCD(Distiller):
         n = rng.randint(N, b).to(x.device)
         grid = self.grid_ascending(x.device, x.dtype)
         t, t_prev = grid[n + 1], grid[n]
-        e = edge_below(t_prev, segment_edges(grid, self.cfg.segments))
+        e = self.sample_edges(t_prev, grid, rng)
         x_t = self.path.sample(x, eps, t)
         _, target = self.consistency_target(x_t, t, t_prev, e, cond)
         pred = flow_map_jump(self.net("student"), x_t, t, e, cond)
         per = self._premetric(pred, target)
         return {"loss": per.mean(), "mse": (pred.detach() - target).pow(2).mean(),
                 "boundary_share": (t_prev == e).float().mean()}
+
+    def sample_edges(self, t_prev: Tensor, grid: Tensor, rng: StepRNG) -> Tensor:
+        """Per sample the edge ``e(t')`` of its segmentation: the one ``k = segments``, or for a unified
+        student ``k ~ U(segment_choices)`` per sample (one extra draw from ``rng``)."""
+        ks = self.cfg.trained_segments
+        if len(ks) == 1:
+            return edge_below(t_prev, segment_edges(grid, ks[0]))
+        pick = rng.randint(len(ks), t_prev.shape[0]).to(t_prev.device)
+        per_k = torch.stack([edge_below(t_prev, segment_edges(grid, k)) for k in ks])  # [len(ks), B]
+        return per_k.gather(0, pick[None]).squeeze(0)
 
     def _premetric(self, pred: Tensor, target: Tensor) -> Tensor:
         kw: dict = {}
