@@ -91,7 +91,6 @@ Sampling: ``nfe`` jumps edge to edge on a uniform grid from ``t = 1`` to ``0``
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -100,9 +99,8 @@ from torch import Tensor, nn
 from flowdistill.core.broadcast import bcast
 from flowdistill.core.derivatives import directional_derivative
 from flowdistill.core.distributed import global_rms
-from flowdistill.core.dmd import dm_gradient, dm_surrogate_loss, fake_velocity_target, renoise
+from flowdistill.core.dmd import dm_gradient_at, dm_surrogate_loss, fake_velocity_loss, make_fake_velocity_net
 from flowdistill.core.flowmap import flow_map_chain, flow_map_jump, sample_flow_map, shortcut_target
-from flowdistill.core.guidance import unguided
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.timesteps import TimeSamplerConfig
 from flowdistill.core.weights import adaptive_weight
@@ -237,7 +235,7 @@ class FreeFlow(Distiller):
         # (checkpointed) state, never of the exported student. No teacher (inference) → no ψ.
         self.fake: nn.Module | None = None
         if teacher is not None and cfg.uses_correction:
-            self.fake = copy.deepcopy(unguided(teacher)).requires_grad_(True).train()
+            self.fake = make_fake_velocity_net(teacher)  # core.dmd, shared with TSCD's DMD term
 
     # -- parameter groups --------------------------------------------------------------
     def trainable_nets(self) -> dict[str, nn.Module]:
@@ -388,11 +386,7 @@ class FreeFlow(Distiller):
         x_hat = self._student_samples(eps, cond)
         r = rng.times(self.r_sampler, b).to(eps.device, eps.dtype)
         n = rng.randn(b, *eps.shape[1:]).to(eps.device, eps.dtype)
-        with torch.no_grad():
-            x_r = renoise(x_hat.detach(), r, n)
-            v_real = self._v_real(x_r, r, cond)
-            v_fake = self.fake(x_r, r, cond=cond)
-            g = dm_gradient(x_hat, x_r, r, v_real, v_fake, normalize=self.cfg.dm_normalize)
+        g = dm_gradient_at(x_hat, r, n, self.teacher, self.fake, cond, normalize=self.cfg.dm_normalize)
         l_corr = dm_surrogate_loss(x_hat, g).mean()
         grad_rms = _rms(g) / g.numel()  # ∂(mean_b ½‖x̂ − sg(x̂ − g)‖²/D)/∂x̂ = g/(B·D)
         return l_corr, grad_rms
@@ -407,10 +401,7 @@ class FreeFlow(Distiller):
             x_hat = self._student_samples(eps, cond)
         r = rng.times(self.r_sampler, b).to(eps.device, eps.dtype)
         n = rng.randn(b, *eps.shape[1:]).to(eps.device, eps.dtype)
-        x_r = renoise(x_hat, r, n)
-        v = self.net("fake")(x_r, r, cond=cond)
-        loss = (v - fake_velocity_target(x_hat, n)).pow(2).mean()
-        return {"loss": loss}
+        return {"loss": fake_velocity_loss(self.net("fake"), x_hat, r, n, cond)}
 
     # -- sampling ----------------------------------------------------------------------
     def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module) -> Tensor:
