@@ -232,6 +232,14 @@ class Distiller(nn.Module):
         d.sample_guidance = guidance if cls.guided_sampling else None
         return d
 
+    def scheduler_config(self) -> dict[str, Any] | None:
+        """How :meth:`sample` spaces its steps, as config keys of the diffusers
+        ``FlowDistillScheduler`` (``shift``, ``segment_steps``, ``gamma``, …), so that an export
+        samples as this method does. ``None`` (the default): the exporter derives the schedule from
+        the config's ``sample_grid`` (uniform or shifted steps, ``x ← x + (s − t)·u``). A method
+        whose sampler uses other times overrides this (TSCD: the segment edges of its teacher grid)."""
+        return None
+
     def after_step(self, step: int, group: str) -> None:
         """Called after each optimiser step of ``group`` at ``step`` (and each of its repeats):
         target-network updates and other post-optimiser work. Default: nothing."""

@@ -165,6 +165,8 @@ class TSCD(Distiller):
     needs_data = True
     needs_teacher = True
     student_two_time = True
+    #: a distilled flow map as teacher (Hyper-SD's previous stage): its step t → t' is its own jump
+    accepts_flow_map_teacher = True
     sample_options = {"gamma": "TCD stochastic γ in [0, 1] (0 = deterministic); default sample_gamma",
                       "seed": "seed of the fresh noise of gamma > 0 (default 0)"}
     eval_nfe = (1, 2, 4, 8)
@@ -243,6 +245,12 @@ class TSCD(Distiller):
         self.target.update(self.student)
 
     # -- sampling ----------------------------------------------------------------------
+    def scheduler_config(self) -> dict:
+        """``FlowDistillScheduler`` keys that sample as :meth:`_sample` in diffusers pipelines: the
+        segment edges of the teacher's ``num_steps``-step grid (its SD3 ``shift``) and the default γ."""
+        return {"segment_steps": self.cfg.num_steps, "gamma": float(self.cfg.sample_gamma),
+                "shift": float(self.cfg.shift) if self.cfg.grid == "shifted" else 1.0}
+
     def sample_times(self, nfe: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
         """The ``nfe + 1`` times of the sampler, ``1 > ẽ_{nfe−1} > … > ẽ_1 > 0`` (the edges of an
         ``nfe``-segment split of the teacher grid, the lowest replaced by 0)."""
