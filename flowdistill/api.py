@@ -20,7 +20,7 @@ from flowdistill.distillers import DISTILLERS, Distiller
 from flowdistill.errors import CheckpointError, ConfigError
 from flowdistill.models import MODELS, build_model, init_from
 from flowdistill.models.loading import find_model_dir, load_model_dir
-from flowdistill.models.teachers import guidance_for, guide
+from flowdistill.models.teachers import flow_map_teacher, guidance_for, guide, is_flow_map_net
 from flowdistill.runs import check_run_dir, export_student, prepare_run_dir, read_meta
 from flowdistill.training.loop import Trainer
 
@@ -56,6 +56,11 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
     the architecture checks have run on the bare net; the distiller receives the ready field. A
     flow-matching student (a teacher-to-be) gets the same guidance for sampling
     (:attr:`~flowdistill.distillers.base.Distiller.guided_sampling`).
+
+    A teacher that is itself a distilled two-time flow map (an earlier stage's student, Hyper-SD's
+    previous stage as teacher) is wrapped in :class:`~flowdistill.models.teachers.FlowMapTeacher`
+    (its solver step is its jump) when the method declares ``accepts_flow_map_teacher``, and is a
+    one-line ConfigError otherwise (:func:`~flowdistill.models.teachers.flow_map_teacher`).
     """
     cls = DISTILLERS.get(cfg.distiller.name)
     _check_guidance_use(cfg, cls)
@@ -72,6 +77,10 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
         except UnknownNameError as e:
             raise ConfigError(f"teacher {teacher_dir}: {e} (a model of your own registers when its "
                               f"module is imported: --plugin MODULE)") from None
+        flow_map = is_flow_map_net(teacher)
+        if flow_map:  # refuse early, before any student is built
+            flow_map_teacher(teacher, cfg.teacher, f"distiller {cls.name!r}",
+                             getattr(cls, "accepts_flow_map_teacher", False), cfg.guidance)
         _check_architecture(teacher, teacher_dir, cfg)
         params = {**dict(teacher.config), **dict(cfg.model.params), "two_time": two_time}
         params = {k: v for k, v in params.items() if not k.startswith("_")}
@@ -88,7 +97,10 @@ def build_distiller_for(cfg: JobConfig, source=None) -> Distiller:
                               for k, v in changed.items()) or "the student's sizes")
             raise ConfigError(f"the student cannot start from teacher {teacher_dir}: {what} change its "
                               f"tensor sizes (size mismatch: {msg})") from None
-        teacher = guide(cfg.guidance, teacher, "teacher", sample_shape_of(cfg.data))
+        if flow_map:
+            teacher = flow_map_teacher(teacher, cfg.teacher, f"distiller {cls.name!r}", True, cfg.guidance)
+        else:
+            teacher = guide(cfg.guidance, teacher, "teacher", sample_shape_of(cfg.data))
     else:
         num_classes = source.num_classes if source is not None else 0
         student = build_model(cfg.model.name, **_default_params(cfg, num_classes, two_time))
@@ -207,6 +219,8 @@ def couple_teacher(teacher: str | Path, root: str | Path, spec: Any, sample_shap
                           f"that draws them")
     tdir = find_model_dir(teacher, "teacher")
     net = load_model_dir(tdir)
+    if is_flow_map_net(net):  # couplings come from the teacher's ODE: a velocity field
+        flow_map_teacher(net, teacher, "coupling generation", False)
     num_classes = int(getattr(net.config, "num_classes", 0) or 0) if conditional else 0
     if conditional and num_classes == 0:
         raise ConfigError(f"data.conditional is set but the teacher in {tdir} is unconditional")

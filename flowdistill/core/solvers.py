@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -224,6 +225,19 @@ STEP_SOLVERS = ("euler", "heun", "midpoint", "ddim")
 STEP_EVALS = {"euler": 1, "ddim": 1, "heun": 2, "midpoint": 2}
 
 
+@runtime_checkable
+class JumpField(Protocol):
+    """A field whose solver step ``t → s`` is its own jump: a two-time flow map
+    ``X(x, t, s) = x + (s − t)·u(x, t, s)`` used as a teacher (Hyper-SD's previous stage as the next
+    stage's teacher; :class:`flowdistill.models.teachers.FlowMapTeacher`). :func:`step` dispatches to
+    :meth:`jump` for it, whatever the solver name: the flow map *is* the solution operator it learned,
+    so no quadrature of its velocity is taken (one network evaluation)."""
+
+    def jump(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``X(x, t, s)`` for per-sample times ``t, s [B]``."""
+        ...
+
+
 def step(field: Field, x: Tensor, t: Tensor, s: Tensor, solver: str = "euler",
          cond: Tensor | None = None) -> Tensor:
     """One solver step from per-sample times ``t [B]`` to per-sample targets ``s [B]``.
@@ -240,11 +254,17 @@ def step(field: Field, x: Tensor, t: Tensor, s: Tensor, solver: str = "euler",
 
     A sample with ``s = t`` is returned unchanged (its step is ``0·v``). ``STEP_EVALS[solver]``
     network evaluations are spent on the whole batch.
+
+    A :class:`JumpField` (a flow-map teacher) steps by its own jump, ``X(x, t, s)``, whatever
+    ``solver`` names (one evaluation): exact wherever the flow map is (for a distilled student, the
+    jumps it was trained on).
     """
     if solver not in STEP_EVALS:
         raise ValueError(f"step solver must be one of {', '.join(STEP_SOLVERS)}, got {solver!r}")
     if t.ndim != 1 or s.shape != t.shape or t.shape[0] != x.shape[0]:
         raise ValueError(f"t and s must both be [B] = [{x.shape[0]}], got {tuple(t.shape)}, {tuple(s.shape)}")
+    if isinstance(field, JumpField):
+        return field.jump(x, t, s, cond=cond)
     h = s - t
     k1 = field(x, t, cond=cond)
     if solver in ("euler", "ddim"):

@@ -8,6 +8,12 @@ one-line :class:`~flowdistill.errors.ConfigError` naming the key. It serves ever
 velocity teacher is built — a distillation job's teacher (``api.build_distiller_for``), coupling
 generation (``api.couple``) and sampling a flow-matching run (``api.load_run``) — so
 they cannot disagree.
+
+A *distilled* two-time student ``u(x, t, s)`` is not a velocity field. :class:`FlowMapTeacher`
+makes it a teacher whose solver step ``t → s`` is its own jump (Hyper-SD's previous stage as the
+next stage's teacher), for the methods that declare they take one
+(``Distiller.accepts_flow_map_teacher``); :func:`flow_map_teacher` is the one check every loader
+calls, a one-line :class:`~flowdistill.errors.ConfigError` for any other method.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from flowdistill.core.flowmap import flow_map_jump
 from flowdistill.core.guidance import GuidanceSpec
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.errors import CheckpointError, ConfigError, FlowDistillError
@@ -112,3 +119,62 @@ def guide(spec: GuidanceSpec | None, net: nn.Module, role: str = "teacher",
     """``net`` guided once as ``spec`` says (``net`` itself when it asks for no guidance)."""
     g = guidance_for(spec, net, role, sample_shape)
     return net if g is None else g(net)
+
+
+# -- a distilled flow map as a teacher -----------------------------------------------------------
+def is_flow_map_net(net: nn.Module) -> bool:
+    """Whether a saved net is a two-time flow-map network ``u(x, t, s)`` (``config.two_time``)."""
+    return bool(getattr(getattr(net, "config", None), "two_time", False))
+
+
+class FlowMapTeacher(nn.Module):
+    """A distilled two-time student used as a teacher: its step ``t → s`` is its own jump.
+
+    With ``u`` the wrapped average-velocity net, the flow map is
+
+        X(x, t, s) = x + (s − t)·u(x, t, s)
+
+    and :meth:`jump` returns it; :func:`flowdistill.core.solvers.step` dispatches to :meth:`jump`
+    (:class:`~flowdistill.core.solvers.JumpField`), so a consistency loss's "teacher solver step
+    ``t → t'``" becomes the previous student's ``X_prev(x_t, t, t')`` — exact for the jumps that
+    student was trained on (Hyper-SD's progressive schedule, previous stage as teacher).
+    Calling it as a field gives the flow map's instantaneous velocity ``u(x, t, t) = ∂_s X(x, t, s)|_{s=t}``
+    (its tangent), so the diagonal stays available (e.g. a reference ODE), but the jobs that need a
+    velocity teacher refuse it at load time (:func:`flow_map_teacher`).
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def config(self):
+        """The wrapped net's saved config (``num_classes``, ``two_time`` …)."""
+        return self.net.config
+
+    def jump(self, x: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``X(x, t, s) = x + (s − t)·u(x, t, s)`` for per-sample times ``t, s [B]``."""
+        return flow_map_jump(self.net, x, t, s, cond)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The instantaneous velocity ``u(x, t, t)``."""
+        return self.net(x, t, t, cond=cond)
+
+
+def flow_map_teacher(net: nn.Module, where: str | Path, method: str, accepts: bool,
+                     guidance: GuidanceSpec | None = None) -> FlowMapTeacher:
+    """``net`` (a two-time flow map loaded from ``where``) as the teacher of ``method`` (words for the
+    message, e.g. ``distiller 'tscd'``).
+
+    ``accepts`` is the method's ``accepts_flow_map_teacher``; a method that needs a velocity teacher
+    and a ``guidance:`` section (a flow map's guided jump is not defined here) are one-line
+    :class:`~flowdistill.errors.ConfigError`\\ s naming the key.
+    """
+    if not accepts:
+        raise ConfigError(f"teacher={where} is a two-time flow map u(x, t, s) (a distilled student), not a "
+                          f"velocity field; {method} needs a velocity teacher v(x, t): name a flow-matching "
+                          f"teacher (a flow-map teacher serves methods that take its jumps, e.g. tscd)")
+    if guidance is not None and guidance.active:
+        raise ConfigError(f"{guidance.key}: teacher={where} is a two-time flow map (a distilled student, "
+                          f"already guided when it was trained); a flow-map teacher is used unguided")
+    return FlowMapTeacher(net.requires_grad_(False).eval())
