@@ -70,3 +70,22 @@ def directional_derivative(fn: Callable[..., Tensor], primals: Sequence[Tensor],
             minus = fn(*[p - h * d for p, d in zip(primals, tangents, strict=True)])
         return fn(*primals), (plus - minus) / (2 * h)
     raise ValueError(f"derivative method must be 'jvp' or 'fd', got {method!r}")
+
+
+def backward_difference(fn: Callable[..., Tensor], primals: Sequence[Tensor],
+                        tangents: Sequence[Tensor | None], h: float,
+                        value: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One-sided (backward) difference along a tangent, without graph:
+
+        d ≈ (f(p) − f(p − h·d_p)) / h,     error O(h) (first order, unlike the central difference),
+
+    returned as ``(f(p), d)``. ``value``: ``f(p)`` already computed (e.g. the online student's own
+    forward, detached), which saves one call. MDT-dist's velocity matching uses it with the
+    tangent ``(v_T, 1)`` on ``(x, t)``: ``p − h·d_p = (x_t − Δ·v_T, t − Δ)`` is one teacher Euler step,
+    so the difference is taken along the teacher's trajectory (arXiv 2509.04406)."""
+    tangents = [torch.zeros_like(p) if d is None else d.to(p.dtype) for p, d in zip(primals, tangents,
+                                                                                     strict=True)]
+    with torch.no_grad():
+        here = fn(*primals) if value is None else value.detach()
+        back = fn(*[p - h * d for p, d in zip(primals, tangents, strict=True)])
+    return here, (here - back) / h
