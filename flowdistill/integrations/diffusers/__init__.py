@@ -7,6 +7,7 @@
 - :mod:`.pipeline` — ``FlowDistillPipeline`` for our own students (``student`` + ``scheduler``).
 - :mod:`.export` — ``export_run`` (``flowdistill export RUN_DIR OUT_DIR``).
 - :mod:`.lora` — LoRA students via peft, saved in ``load_lora_weights`` format.
+- :mod:`.segment_student` — one-time (e.g. LoRA) TSCD students read as jumps to their segment's edge.
 """
 
 from flowdistill.integrations.diffusers.adapters import (
@@ -26,6 +27,11 @@ from flowdistill.integrations.diffusers.adapters import (
 from flowdistill.integrations.diffusers.export import build_pipeline, export_run
 from flowdistill.integrations.diffusers.pipeline import FlowDistillPipeline
 from flowdistill.integrations.diffusers.scheduler import FlowDistillScheduler
+from flowdistill.integrations.diffusers.segment_student import (
+    OneTimeSegmentStudent,
+    one_time_scheduler_config,
+    one_time_student,
+)
 
 __all__ = [
     "TEACHER_ADAPTERS",
@@ -33,6 +39,7 @@ __all__ = [
     "FlowDistillPipeline",
     "FlowDistillScheduler",
     "FluxAdapter",
+    "OneTimeSegmentStudent",
     "SD3Adapter",
     "TextCFGField",
     "TextCondition",
@@ -41,6 +48,8 @@ __all__ = [
     "build_pipeline",
     "calculate_shift",
     "export_run",
+    "one_time_scheduler_config",
+    "one_time_student",
     "pack_latents",
     "scheduler_sigmas",
     "unpack_latents",

@@ -3,7 +3,11 @@
 The pipeline samples as the run's own sampler does: a two-time (flow-map) student jumps edge to
 edge on the run's ``sample_grid``; a one-time (velocity) student takes Euler steps on it. Grids map
 to the scheduler's time shift: ``uniform`` → ``shift = 1``; ``shifted`` → the shift of
-:func:`flowdistill.core.timesteps.shifted_grid`. A velocity run sampled with another solver than
+:func:`flowdistill.core.timesteps.shifted_grid`. A method whose sampler uses other times says so
+through :meth:`~flowdistill.distillers.base.Distiller.scheduler_config`, whose keys become the
+scheduler's config (TSCD / PCM / LCM: ``segment_steps`` — the segment edges of the teacher grid —
+its ``shift`` and the sampler's default TCD ``gamma``; see
+:mod:`flowdistill.integrations.diffusers.scheduler`). A velocity run sampled with another solver than
 Euler exports with a warning (the pipeline is Euler). Every export checks itself: it samples 8
 seeded points at NFE 1 and 2 with the pipeline and with the run's sampler, warns if they differ by
 more than 1e-4, and records the difference in ``flowdistill.json``.
@@ -56,6 +60,14 @@ def _grid_shift(distiller_cfg) -> float:
                       f"{', '.join(GRIDS)}")
 
 
+def scheduler_kwargs(run) -> dict:
+    """The ``FlowDistillScheduler`` config of a run: the distiller's
+    :meth:`~flowdistill.distillers.base.Distiller.scheduler_config`, else ``shift`` from its
+    ``sample_grid``."""
+    own = run.distiller.scheduler_config()
+    return dict(own) if own is not None else {"shift": _grid_shift(run.cfg.distiller)}
+
+
 def build_pipeline(run):
     """A :class:`FlowDistillPipeline` for a :class:`~flowdistill.api.LoadedRun`."""
     from flowdistill.integrations.diffusers.pipeline import FlowDistillPipeline
@@ -67,7 +79,7 @@ def build_pipeline(run):
     if not two_time and solver != "euler":
         warnings.warn(f"run {run.run_dir} samples with solver {solver!r}; the exported pipeline takes Euler "
                       f"steps (FlowDistillScheduler)", stacklevel=2)
-    scheduler = FlowDistillScheduler(shift=_grid_shift(dcfg))
+    scheduler = FlowDistillScheduler(**scheduler_kwargs(run))
     return FlowDistillPipeline(student=run.student, scheduler=scheduler)
 
 
@@ -113,6 +125,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False
     meta = {"run_dir": str(Path(run_dir).resolve()), "distiller": run.cfg.distiller.name,
             "sample_grid": getattr(run.cfg.distiller, "sample_grid", "uniform"),
             "two_time": bool(run.student.config.get("two_time", False)),
+            "scheduler": scheduler_kwargs(run),
             "max_abs_diff_vs_run_sampler": diff,
             "load": "from flowdistill.integrations.diffusers import FlowDistillPipeline; "
                     "FlowDistillPipeline.from_pretrained(DIR)"}
@@ -177,8 +190,14 @@ def model_card(run, name: str, diff: float | None = None) -> str:
     train = f"{steps} (batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, EMA {cfg.train.ema_decay:g})"
     sampling = (f"NFE {', '.join(map(str, nfes))} (the method's evaluation budgets); "
                 f"recommended `num_inference_steps={rec}`")
-    grid = (f"`{getattr(cfg.distiller, 'sample_grid', 'uniform')}` "
-            f"(scheduler shift {_grid_shift(cfg.distiller):g})")
+    sched = scheduler_kwargs(run)
+    if sched.get("segment_steps"):
+        grid = (f"segment edges of the teacher's {sched['segment_steps']}-step grid (scheduler "
+                f"`segment_steps={sched['segment_steps']}`, shift {sched.get('shift', 1.0):g}, "
+                f"TCD gamma {sched.get('gamma', 0.0):g})")
+    else:
+        grid = (f"`{getattr(cfg.distiller, 'sample_grid', 'uniform')}` "
+                f"(scheduler shift {sched.get('shift', 1.0):g})")
     check = "not checked" if diff is None else f"max abs diff to the run's sampler {diff:.3g} (NFE 1, 2)"
     return f"""---
 library_name: diffusers

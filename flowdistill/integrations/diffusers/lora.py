@@ -7,7 +7,13 @@ Wrap the transformer in its teacher adapter
 (:func:`~flowdistill.integrations.diffusers.adapters.adapt_teacher`) to give it our call signature.
 :func:`save_lora` writes the adapters the way diffusers' training scripts do
 (``get_peft_model_state_dict`` + ``<Pipeline>.save_lora_weights`` with the adapter metadata), so
-``pipe.load_lora_weights(dir)`` loads them into the base pipeline.
+``pipe.load_lora_weights(dir)`` loads them into the base pipeline. With ``scheduler=`` it also writes
+the ``FlowDistillScheduler`` config the student samples with (``scheduler_config.json`` beside the
+weights), so ``pipe.scheduler = FlowDistillScheduler.from_pretrained(dir)`` completes the swap.
+
+TSCD / LCM / PCM LoRA students are one-time (the transformer's own call); how they read as flow
+maps, and which of them serve every step count, is
+:mod:`flowdistill.integrations.diffusers.segment_student`.
 
 Needs ``peft`` (``pip install 'flowdistill[lora]'``).
 """
@@ -15,8 +21,9 @@ Needs ``peft`` (``pip install 'flowdistill[lora]'``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -92,14 +99,24 @@ def _pipeline_class(model: nn.Module):
 
 
 def save_lora(model: nn.Module, out_dir: str | Path, adapter_name: str = "default",
-              weight_name: str = "pytorch_lora_weights.safetensors") -> Path:
+              weight_name: str = "pytorch_lora_weights.safetensors",
+              scheduler: Mapping[str, Any] | Any | None = None) -> Path:
     """Write ``model``'s LoRA adapter so that ``<Pipeline>.load_lora_weights(out_dir)`` accepts it.
 
-    ``model`` is the diffusers transformer itself (not the adapter wrapper). Keys are prefixed
-    ``transformer.`` and the peft config is stored as ``lora_adapter_metadata`` (safetensors).
+    ``model`` is the diffusers transformer (a teacher adapter or a
+    :class:`~flowdistill.integrations.diffusers.segment_student.OneTimeSegmentStudent` around it is
+    unwrapped). Keys are prefixed ``transformer.`` and the peft config is stored as
+    ``lora_adapter_metadata`` (safetensors). ``scheduler`` (a ``FlowDistillScheduler`` or its config
+    keys) is saved as ``out_dir/scheduler_config.json``.
     """
-    if hasattr(model, "model") and not hasattr(model, "peft_config"):
-        model = model.model  # a teacher adapter around the transformer
+    for _ in range(3):  # OneTimeSegmentStudent.net -> adapter.model -> the transformer
+        if getattr(model, "peft_config", None):
+            break
+        inner = getattr(model, "net", None)
+        inner = inner if isinstance(inner, nn.Module) else getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
     if not getattr(model, "peft_config", None) or adapter_name not in model.peft_config:
         raise ValueError(f"{type(model).__name__} has no LoRA adapter {adapter_name!r}; call add_lora first")
     pipe_cls = _pipeline_class(model)
@@ -108,4 +125,10 @@ def save_lora(model: nn.Module, out_dir: str | Path, adapter_name: str = "defaul
     pipe_cls.save_lora_weights(str(out), transformer_lora_layers=lora_state_dict(model, adapter_name),
                                transformer_lora_adapter_metadata=model.peft_config[adapter_name].to_dict(),
                                weight_name=weight_name, safe_serialization=True)
+    if scheduler is not None:
+        from flowdistill.integrations.diffusers.scheduler import FlowDistillScheduler
+
+        if isinstance(scheduler, Mapping):
+            scheduler = FlowDistillScheduler(**scheduler)
+        scheduler.save_config(str(out))
     return out / weight_name

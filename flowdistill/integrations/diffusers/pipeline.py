@@ -10,9 +10,12 @@ module imports them. Importing this module also registers ``FlowDistillPipeline`
 looks up ``model_index.json``'s ``_class_name``, so the generic loader works too (see
 :mod:`flowdistill.integrations.diffusers.export` for loading without importing flowdistill).
 
-Sampling: ``N`` steps on the scheduler's grid ``1 = σ_0 > … > σ_N = 0``; at each step a two-time
-student (config ``two_time``) gives ``u(x, σ_i, σ_{i+1})`` and a one-time student ``v(x, σ_i)``,
-and the scheduler applies ``x ← x + (σ_{i+1} − σ_i)·u``. With ``guidance_scale = w ≠ 1`` and class
+Sampling: ``N`` steps on the scheduler's grid ``1 = σ_0 > … > σ_N = 0`` (with the scheduler's
+``segment_steps``, the segment edges of a TSCD/PCM/LCM student); at each step a two-time student
+(config ``two_time``) gives ``u(x, σ_i, s_i)`` with ``s_i`` the jump target of
+:meth:`FlowDistillScheduler.sigma_pair` (``σ_{i+1}``, or ``(1 − γ)·σ_{i+1}`` with TCD's ``gamma``),
+a one-time student ``v(x, σ_i)``, and the scheduler applies ``x ← x + (s_i − σ_i)·u`` (and, with
+``gamma > 0``, re-noises to ``σ_{i+1}``). With ``guidance_scale = w ≠ 1`` and class
 labels, classifier-free guidance ``u_∅ + w·(u_c − u_∅)`` uses the null label ``num_classes``.
 """
 
@@ -84,13 +87,15 @@ class FlowDistillPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 1, class_labels=None,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pt",
                  return_dict: bool = True, guidance_scale: float = 1.0, latents: Tensor | None = None,
-                 sigmas: list[float] | None = None, mu: float | None = None):
+                 sigmas: list[float] | None = None, mu: float | None = None, noise_seed: int | None = None):
         """Draw ``batch_size`` samples in ``num_inference_steps`` student evaluations.
 
         ``output_type``: ``"pt"`` — the raw samples as the run's own sampler returns them
         (``[B, *sample_shape]``, data range); ``"np"`` — images as NHWC float arrays in [0, 1] (data
         in [-1, 1] is mapped by ``(x + 1)/2``), vectors as raw arrays; ``"pil"`` — a list of PIL
         images (image students only). ``latents`` replaces the drawn noise at ``t = 1``.
+        ``noise_seed`` seeds the re-noise of a scheduler with ``gamma > 0`` (default: the scheduler's
+        seed, 0), as the ``seed`` sample option of TSCD's own sampler.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -102,16 +107,18 @@ class FlowDistillPipeline(DiffusionPipeline):
         if output_type == "pil" and len(shape) != 3:
             raise ValueError("output_type='pil' needs an image student ([C, H, W] samples)")
         labels = self._labels(class_labels, batch_size, device)
+        if noise_seed is not None:
+            self.scheduler.set_noise_seed(noise_seed)
         self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
         if latents is None:
             x = randn_tensor((batch_size, *shape), generator=generator, device=device, dtype=dtype)
         else:
             x = latents.to(device=device, dtype=dtype)
         two_time = bool(self.student.config.get("two_time", False))
-        sig = self.scheduler.sigmas
-        for i, ts in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            t = sig[i].to(device, dtype).expand(batch_size)
-            s = sig[i + 1].to(device, dtype).expand(batch_size) if two_time else None
+        for ts in self.progress_bar(self.scheduler.timesteps):
+            t_i, s_i = self.scheduler.sigma_pair()  # the current level and the jump's target time
+            t = t_i.to(device, dtype).expand(batch_size)
+            s = s_i.to(device, dtype).expand(batch_size) if two_time else None
             u = self._model_output(x, t, s, labels, float(guidance_scale))
             x = self.scheduler.step(u, ts, x).prev_sample
         self.maybe_free_model_hooks()
