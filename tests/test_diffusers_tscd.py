@@ -245,3 +245,27 @@ def test_one_time_student_with_k_segments_serves_nfe_k_and_a_unified_one_is_refu
         one_time_student(torch.nn.Identity(), TSCDConfig(segment_choices=[1, 2, 4, 8]))
     lcm = LCM.for_inference(LCMConfig(), MLPFlowNet(two_time=True))
     assert lcm.scheduler_config()["gamma"] == 1.0
+
+
+def test_segment_edges_inside_flux_pipeline_and_with_dynamic_shift():
+    """Flux passes ``sigmas = linspace(1, 1/n, n)`` on every call: with ``segment_steps`` that still means
+    the segment edges (not the plain grid); with dynamic shifting the edges move with the pipeline's μ."""
+    from diffusers import FluxPipeline
+
+    from flowdistill.integrations.diffusers import calculate_shift
+    from flowdistill.integrations.diffusers.adapters import dynamic_shift
+    from tests.test_diffusers_adapters import tiny_flux
+
+    d = _tscd(segments=4, num_steps=10, grid="shifted", shift=3.0)
+    sched = FlowDistillScheduler(**d.scheduler_config())
+    pipe = FluxPipeline(transformer=tiny_flux(), scheduler=sched, vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(prompt_embeds=torch.randn(1, 7, 32), pooled_prompt_embeds=torch.randn(1, 32), num_inference_steps=4,
+         height=32, width=32, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sched.sigmas, d.sample_times(4)) and sched.step_index == 4
+    dyn = FlowDistillScheduler(use_dynamic_shifting=True, segment_steps=10)
+    mu = calculate_shift(4)
+    dyn.set_timesteps(4, mu=mu)
+    want = dynamic_shift(_tscd(segments=4, num_steps=10).sample_times(4, dtype=torch.float64), mu)
+    torch.testing.assert_close(dyn.sigmas, want.float(), atol=1e-7, rtol=0)

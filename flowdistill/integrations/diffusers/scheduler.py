@@ -153,7 +153,9 @@ class FlowDistillScheduler(SchedulerMixin, ConfigMixin):
 
         Default: ``σ = shift(linspace(1, 0, N + 1))``, or with ``segment_steps`` the segment edges
         of the teacher grid (module docstring). ``sigmas`` (length ``N``, the starting levels
-        of each step, as pipelines pass them) are shifted and a final 0 is appended.
+        of each step, as pipelines pass them) are shifted and a final 0 is appended; with
+        ``segment_steps``, ``sigmas = linspace(1, 1/N, N)`` — what Flux-style pipelines pass on every
+        call when the user gave none — asks for the default grid, i.e. the segment edges.
         ``timesteps`` (length ``N``, in units of ``num_train_timesteps``) are used as given (no
         shift). ``mu`` is required with ``use_dynamic_shifting``.
         """
@@ -172,7 +174,7 @@ class FlowDistillScheduler(SchedulerMixin, ConfigMixin):
         n = num_inference_steps
         if timesteps is not None:
             sig = given / self.config.num_train_timesteps
-        elif sigmas is None and self.config.segment_steps:
+        elif self.config.segment_steps and (sigmas is None or self._is_plain_request(given)):
             sig = self._segment_sigmas(n, mu)
         else:
             sig = given if sigmas is not None else torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
@@ -186,6 +188,14 @@ class FlowDistillScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._generator = torch.Generator(device="cpu").manual_seed(self._noise_seed)
+
+    @staticmethod
+    def _is_plain_request(sigmas: torch.Tensor) -> bool:
+        """Whether ``sigmas`` are the unshifted uniform starting levels ``linspace(1, 1/N, N)`` that
+        Flux-style pipelines pass when the user asked for no custom sigmas."""
+        n = sigmas.numel()
+        plain = torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
+        return bool(torch.allclose(sigmas.to(torch.float64), plain, rtol=0.0, atol=1e-9))
 
     def _segment_sigmas(self, n: int, mu: float | None) -> torch.Tensor:
         """The ``n`` starting levels ``1 > e_{n−1} > … > e_1`` on the teacher's ``segment_steps``-step
