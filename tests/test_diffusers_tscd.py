@@ -28,12 +28,11 @@ from flowdistill.integrations.diffusers import (
     FlowDistillScheduler,
     SD3Adapter,
     TextCondition,
-    export_run,
     one_time_scheduler_config,
     one_time_student,
 )
 from flowdistill.models.mlp import MLPFlowNet
-from tests.helpers import REPO
+from tests.helpers import REPO, main_in_process
 from tests.test_diffusers_adapters import sd3_pipe, tiny_sd3
 
 TEACHER = REPO / "assets" / "checkerboard_teacher"
@@ -121,10 +120,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("name", ["tscd", "lcm"])
-def test_exported_tscd_run_samples_identically_in_diffusion_pipeline(runs, name, tmp_path):
+def test_exported_tscd_run_samples_identically_in_diffusion_pipeline(runs, name, tmp_path, capsys):
     from diffusers import DiffusionPipeline
 
-    out = export_run(runs[name], tmp_path / "pipe")
+    out = tmp_path / "pipe"
+    code, _, err = main_in_process(capsys, "export", str(runs[name]), str(out))  # `flowdistill export`
+    assert code == 0, err
     meta = json.loads((out / "flowdistill.json").read_text())
     assert meta["max_abs_diff_vs_run_sampler"] <= 1e-6
     pipe = DiffusionPipeline.from_pretrained(out)
