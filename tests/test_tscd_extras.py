@@ -287,6 +287,27 @@ def test_discriminator_hinge_loss_goes_down_on_a_fixed_batch():
     assert max(float((a - b).abs().max()) for a, b in zip(grads, base_g, strict=True)) > 1e-8
 
 
+def test_phases_hold_t_prime_between_consecutive_edges():
+    """The adversarial re-noising time lives in the sample's phase ``[e, e⁺]``: ``e ≤ t' < e⁺`` with
+    ``e⁺`` the next edge of the same segmentation (1 above the top edge), also for a unified student."""
+    from flowdistill.core.segments import segment_edges
+
+    teacher, student = _nets()
+    for kw in (dict(segments=4, num_steps=20), dict(segments=1, num_steps=20),
+               dict(segments=4, num_steps=20, segment_choices=[1, 2, 4], grid="shifted")):
+        d = _tscd(student, teacher, **kw)
+        grid = d.grid_ascending("cpu", torch.float64)
+        tp = grid[torch.arange(20)]
+        lo, hi = d.sample_phases(tp, grid, StepRNG(0, 0))
+        assert bool((lo <= tp).all() and (tp < hi).all())
+        consecutive = set()  # (e_j, e_{j+1}) of every trained segmentation, 1 above its top edge
+        for k in d.cfg.trained_segments:
+            e = segment_edges(grid, k).tolist() + [1.0]
+            consecutive |= set(zip(e[:-1], e[1:], strict=True))
+        assert set(zip(lo.tolist(), hi.tolist(), strict=True)) <= consecutive
+        torch.testing.assert_close(lo, d.sample_edges(tp, grid, StepRNG(0, 0)), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not TEACHER.is_dir(), reason="checkerboard teacher asset not shipped")
 def test_training_loop_alternates_d_and_g_steps(tmp_path, monkeypatch):
     cfg = load_config(CONFIG, [f"out_dir={tmp_path / 'r'}", f"teacher={TEACHER}", "train.steps=3",

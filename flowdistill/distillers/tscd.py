@@ -556,7 +556,8 @@ class PCMConfig(TSCDConfig):
 class PCM(TSCD):
     """Phased Consistency Models (Wang et al., arXiv 2405.18407) as TSCD with fixed ``k`` and the
     online no-grad target (PCM's EMA helper is never called in its training code). Benchmarked with
-    ``k = NFE`` (one student per step count; the adversarial head is not built here)."""
+    ``k = NFE`` (one student per step count). PCM's adversarial term is the option ``adv_weight``
+    (0.1 in PCM; off by default, see the module docstring)."""
 
     Config = PCMConfig
     bench_rows = tuple(BenchRow(f"PCM (k={k})", (f"distiller.segments={k}",), (k,)) for k in (1, 2, 4, 8))
