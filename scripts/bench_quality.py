@@ -24,14 +24,17 @@ Metric protocol (DESIGN §7): toys — sliced W2 at ``n`` = 4000 against fresh t
 the data-vs-data floor, mean ± std over ``--seeds`` evaluation seeds (default 5); digits — FID with
 digits-classifier features at n = 360 against the test split with its floor, mean ± std over the
 seeds, and KID. ``ratio`` = mean value / the teacher's mean at 128 Euler steps (digits: the
-teacher's best NFE). Straightness rows (Euler path at 128 steps; 0 = straight) for the teacher and
-every velocity-field student on toys.
+teacher at Heun 64 steps, NFE 128, the row ``teacher (Heun)``). Straightness rows (Euler path at
+128 steps; 0 = straight) for the teacher and every velocity-field student on toys.
 
     OMP_NUM_THREADS=1 python scripts/bench_quality.py                          # all methods, 3 toys
     OMP_NUM_THREADS=1 python scripts/bench_quality.py --methods freeflow --problems checkerboard
     OMP_NUM_THREADS=1 python scripts/bench_quality.py --steps-scale 0.05 --runs runs/smoke
     OMP_NUM_THREADS=1 python scripts/bench_quality.py --digits --problems ""   # digits only
     python scripts/bench_quality.py --plugin ./my_method.py --methods mine --config mine=my.yaml
+    # only some rows (a regex on the row labels), plus a saved run evaluated beside them:
+    OMP_NUM_THREADS=1 python scripts/bench_quality.py --methods lcm,pcm,tscd --rows "LCM|PCM .k=4" \
+        --extra "TSCD progressive k=4 stage=runs/bench/checkerboard/tscd_progressive_checkerboard/k4@4"
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 TOY_PROBLEMS = ("checkerboard", "8gaussians", "spirals")
 MANY_NFE = 128
+DIGITS_REF = ("teacher (Heun)", MANY_NFE)  # digits ratios: the teacher at Heun 64 steps (issue 13)
 COLUMNS = ["problem", "model", "nfe", "metric", "value", "std", "floor", "ratio", "seeds"]
 
 
@@ -265,16 +269,20 @@ def toy_rows(problem: str, runs: dict[str, tuple[Any, list[int]]], n: int, seeds
     return rows
 
 
-def digits_rows(runs: dict[str, tuple[Any, list[int]]], seeds: list[int], cache: Path) -> list[dict]:
-    """FID rows (digits features, n = 360 against the test split, floor train-vs-test) over seeds."""
+def digits_rows(runs: dict[str, tuple[Any, list[int]]], seeds: list[int], cache: Path,
+                solvers: dict[str, str] | None = None) -> list[dict]:
+    """FID rows (digits features, n = 360 against the test split, floor train-vs-test) over seeds;
+    ``solvers[label]`` samples that entry with another solver (``""``/absent: the run's default)."""
     from flowdistill.data.registry import reference_images
     from flowdistill.eval.image_eval import image_sweep
 
     spec = next(iter(runs.values()))[0].cfg.data
     real = reference_images(spec, 360)
     per_seed = []
+    solver_of = {k: (solvers or {}).get(k) or None for k in runs}
     for s in seeds:
-        samplers = {k: (lambda m, b, sd, run=r: run.sample(m, b, seed=sd)) for k, (r, _) in runs.items()}
+        samplers = {k: (lambda m, b, sd, run=r, sol=solver_of[k]: run.sample(m, b, seed=sd, solver=sol))
+                    for k, (r, _) in runs.items()}
         sweep, _ = image_sweep(samplers, {k: v for k, (_, v) in runs.items()}, real.reference, real.floor,
                                seed=s, feature_extractor=real.feature_extractor, cache_dir=cache,
                                reference_name=f"{real.name}-n{real.reference.shape[0]}")
@@ -289,25 +297,36 @@ def digits_rows(runs: dict[str, tuple[Any, list[int]]], seeds: list[int], cache:
     return rows
 
 
-def add_ratios(rows: list[dict[str, Any]], teacher_label: str, problem_best: bool) -> None:
-    """``ratio`` = value / the teacher's value at ``MANY_NFE`` (``problem_best``: its best value);
-    straightness rows over the teacher's straightness."""
+def add_ratios(rows: list[dict[str, Any]], teacher_label: str, problem_best: bool,
+               ref_row: tuple[str, int] | None = None) -> None:
+    """``ratio`` = value / the teacher's value at ``MANY_NFE`` (``problem_best``: its best value;
+    ``ref_row = (label, nfe)``: that row's value); straightness rows over the teacher's straightness."""
     for metric in {r["metric"] for r in rows}:
         mine = [r for r in rows if r["metric"] == metric]
         ref_rows = [r for r in mine if r["model"] == teacher_label]
         if not ref_rows:
             continue
-        ref = min(r["value"] for r in ref_rows) if problem_best or metric == "straightness" else \
-            next((r["value"] for r in ref_rows if r["nfe"] == MANY_NFE), float("nan"))
+        pinned = [r["value"] for r in mine if ref_row and (r["model"], r["nfe"]) == ref_row]
+        if pinned and metric != "straightness":
+            ref = pinned[0]
+        elif problem_best or metric == "straightness":
+            ref = min(r["value"] for r in ref_rows)
+        else:
+            ref = next((r["value"] for r in ref_rows if r["nfe"] == MANY_NFE), float("nan"))
         for r in mine:
             ok = ref and math.isfinite(ref) and math.isfinite(r["value"])
             r["ratio"] = r["value"] / ref if ok else float("nan")
 
 
 def bench_problem(problem: str, methods: list[str], explicit: dict[str, Path], runs_dir: Path, scale: float,
-                  n: int, seeds: list[int], teachers: dict[str, Path] | None = None) -> list[dict[str, Any]]:
+                  n: int, seeds: list[int], teachers: dict[str, Path] | None = None, rows_re: str = "",
+                  extra: dict[str, tuple[Path, list[int]]] | None = None,
+                  teacher_nfe: list[int] | None = None) -> list[dict[str, Any]]:
     """Train (or reuse) every method's rows on ``problem`` and evaluate them beside the teacher
-    (``teachers[problem]`` when given, else the shipped one)."""
+    (``teachers[problem]`` when given, else the shipped one). ``rows_re``: only the rows whose label
+    it matches (``re.search``); ``extra``: saved runs evaluated beside them, ``label → (dir, nfes)``;
+    ``teacher_nfe``: the teacher's NFEs (default: the students' and ``MANY_NFE``; digits add Heun
+    ``MANY_NFE // 2`` steps when ``MANY_NFE`` is among them)."""
     from flowdistill.api import load_run
     from flowdistill.distillers import DISTILLERS
 
@@ -324,6 +343,8 @@ def bench_problem(problem: str, methods: list[str], explicit: dict[str, Path], r
     for method in methods:
         cls = DISTILLERS.get(method)
         for row in cls.bench_rows:
+            if rows_re and not re.search(rows_re, row.label):
+                continue
             src = find_source(method, row.source, problem, explicit)
             if src is None:
                 log(f"{problem}: no config for {method} ({row.label}); skipped (give --config {method}=PATH)")
@@ -331,14 +352,21 @@ def bench_problem(problem: str, methods: list[str], explicit: dict[str, Path], r
             run_dir = run_row(method, row.overrides, src, problem, teacher, runs_dir, scale)
             runs[row.label] = (load_run(run_dir), list(row.nfes(cls)))
             student_nfes |= set(row.nfes(cls))
-    teacher_nfes = sorted(student_nfes | {MANY_NFE} | set(fm.eval_nfe))
-    runs = {teacher_label: (load_run(teacher), teacher_nfes), **runs}
+    for label, (path, nfes) in (extra or {}).items():
+        runs[label] = (load_run(path), nfes)
+        student_nfes |= set(nfes)
+    teacher_nfes = sorted(teacher_nfe or student_nfes | {MANY_NFE} | set(fm.eval_nfe))
+    teacher_run = load_run(teacher)
+    runs = {teacher_label: (teacher_run, teacher_nfes), **runs}
+    if problem == "digits" and MANY_NFE in teacher_nfes:
+        runs = {**runs, DIGITS_REF[0]: (teacher_run, [DIGITS_REF[1]])}
     log(f"{problem}: evaluating {len(runs)} models over {len(seeds)} seeds")
     if problem == "digits":
-        rows = digits_rows(runs, seeds, runs_dir / "digits" / "fid_cache")
+        rows = digits_rows(runs, seeds, runs_dir / "digits" / "fid_cache", {DIGITS_REF[0]: "heun"})
     else:
         rows = toy_rows(problem, runs, n, seeds)
-    add_ratios(rows, teacher_label, problem_best=problem == "digits")
+    add_ratios(rows, teacher_label, problem_best=problem == "digits",
+               ref_row=DIGITS_REF if problem == "digits" else None)
     return rows
 
 
@@ -361,6 +389,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the teacher of a problem (a run or model directory; default: the shipped one)")
     ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                     help="import MODULE (name or .py path) first, as the CLI's --plugin")
+    ap.add_argument("--rows", default="",
+                    help="only the rows whose label matches this regular expression (default: all)")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=RUN_DIR@NFE[,NFE]",
+                    help="a saved run evaluated beside the rows (repeatable; on every problem given)")
+    ap.add_argument("--teacher-nfe", default="",
+                    help="the teacher's NFEs, comma-separated (default: the students' and 128; on digits "
+                         "128 also adds Heun 64 steps)")
     ap.add_argument("--n", type=int, default=4000, help="samples per toy evaluation")
     ap.add_argument("--seeds", type=int, default=5, help="evaluation seeds (DESIGN §7: >= 5 for toys)")
     ap.add_argument("--seed", type=int, default=1234, help="first evaluation seed")
@@ -380,6 +415,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         DISTILLERS.get(m)  # an unknown name lists the registered ones
     args.config = dict(_pair(c, ap) for c in args.config)
     args.teacher = dict(_pair(c, ap) for c in args.teacher)
+    args.extra = dict(_extra(e, ap) for e in args.extra)
+    try:
+        args.teacher_nfe = [int(v) for v in args.teacher_nfe.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--teacher-nfe takes comma-separated integers, got {args.teacher_nfe!r}")
+    try:
+        re.compile(args.rows)
+    except re.error as e:
+        ap.error(f"--rows is not a regular expression: {e}")
     if not args.steps_scale > 0 or args.n < 2 or args.seeds < 1:
         ap.error("--steps-scale must be positive, --n >= 2, --seeds >= 1")
     if not args.problems and not args.digits:
@@ -392,6 +436,18 @@ def _pair(spec: str, ap: argparse.ArgumentParser) -> tuple[str, Path]:
         ap.error(f"--config/--teacher take NAME=PATH, got {spec!r}")
     method, path = spec.split("=", 1)
     return method, Path(path)
+
+
+def _extra(spec: str, ap: argparse.ArgumentParser) -> tuple[str, tuple[Path, list[int]]]:
+    label, _, rest = spec.rpartition("=")
+    path, _, nfes = rest.rpartition("@")
+    try:
+        counts = [int(v) for v in nfes.split(",")]
+    except ValueError:
+        counts = []
+    if not label or not path or not counts or min(counts) < 1:
+        ap.error(f"--extra takes LABEL=RUN_DIR@NFE[,NFE], got {spec!r}")
+    return label, (Path(path), counts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, Any]] = []
         for problem in [*args.problems, *(["digits"] if args.digits else [])]:
             rows += bench_problem(problem, args.methods, args.config, runs_dir, args.steps_scale, args.n,
-                                  seeds, args.teacher)
+                                  seeds, args.teacher, args.rows, args.extra, args.teacher_nfe)
     except (FlowDistillError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -423,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     plot_by_problem(rows, runs_dir, "quality")
     print(md)
     log(f"steps scale {args.steps_scale:g}; toys: sliced W2, n={args.n}; digits: FID (digits features, "
-        f"n=360); {len(seeds)} seeds; ratio = mean / teacher@{MANY_NFE} (digits: the teacher's best NFE)")
+        f"n=360); {len(seeds)} seeds; ratio = mean / teacher@{MANY_NFE} "
+        f"(digits: teacher Heun {MANY_NFE // 2} steps)")
     log(f"done in {time.perf_counter() - t0:.0f} s; wrote {runs_dir / 'quality.md'}")
     return 0
 
