@@ -1,7 +1,7 @@
 """The shipped TSCD / LCM / PCM configs and progressive recipes for every problem
 (configs/{tscd,lcm,pcm}_<problem>.yaml, configs/recipes/tscd_progressive_<problem>.yaml): each loads
 as the method and problem its name says, the recipes chain k = 8 → 4 → 2 → 1 through ``init``, and
-each toy job trains a few steps into a student whose samples are finite."""
+each job trains a few steps into a student whose samples are finite."""
 
 from __future__ import annotations
 
@@ -61,7 +61,6 @@ def test_toy_config_trains_a_few_steps(method, problem, tmp_path):
     assert x.shape == (64, 2) and torch.isfinite(x).all()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(SEGMENTS))
 def test_digits_config_trains_a_few_steps(method, tmp_path):
     cfg = load_config(REPO / "configs" / f"{method}_digits.yaml",
