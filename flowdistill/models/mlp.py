@@ -57,25 +57,11 @@ class MLPFlowNet(ModelMixin, ConfigMixin):
             nn.init.normal_(self.class_embed.weight, std=0.5)
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
-        """``x [B, data_dim]``, ``t [B]`` (noise level), ``s [B]`` or None, ``cond [B]`` or None."""
-        cfg = self.config
-        check_x(x, f"[B, {cfg.data_dim}]", x.ndim == 2 and x.shape[1] == cfg.data_dim)
-        check_times(x, t, s, cfg.two_time)
-        dtype = self.in_x.weight.dtype
-        c = self.in_t(sinusoidal_embedding(t, cfg.time_embed_dim, cfg.time_scale).to(dtype))
-        if self.in_r is not None:
-            r = t - (t if s is None else s)
-            scale2 = cfg.time_scale if cfg.delta_time_scale is None else cfg.delta_time_scale
-            c = c + self.in_r(sinusoidal_embedding(r, cfg.time_embed_dim, scale2).to(dtype))
-        if self.class_embed is not None:
-            c = c + self.class_embed(class_labels(cond, x.shape[0], cfg.num_classes, x.device))
-        cs = c.chunk(cfg.depth, dim=1)
-        h = F.silu(self.in_x(x) + cs[0])
-        for layer, ck in zip(self.hidden_layers, cs[1:], strict=True):
-            h = F.silu(layer(h) + ck)
-        return self.out(h)
+        """``x [B, data_dim]``, ``t [B]`` (noise level), ``s [B]`` or None, ``cond [B]`` or None:
+        the output layer on the last of :meth:`features`."""
+        return self.out(self.features(x, t, s, cond)[-1])
 
-    # -- feature hook (additive; for discriminators on frozen teacher features, e.g. TSCD's adversarial term)
+    # -- the trunk (also the feature hook of discriminators on frozen teacher features)
     @property
     def feature_channels(self) -> list[int]:
         """Widths of the tensors :meth:`features` returns (``hidden``, one per hidden layer)."""
@@ -83,8 +69,9 @@ class MLPFlowNet(ModelMixin, ConfigMixin):
 
     def features(self, x: Tensor, t: Tensor, s: Tensor | None = None,
                  cond: Tensor | None = None) -> list[Tensor]:
-        """The hidden activations ``[h_1, …, h_depth]`` (each ``[B, hidden]``) of :meth:`forward`'s
-        trunk at ``(x, t[, s], cond)``, computed the same way (the output layer is not applied)."""
+        """The hidden activations ``[h_1, …, h_depth]`` (each ``[B, hidden]``) at ``(x, t[, s], cond)``:
+        ``c = emb(t) [+ emb(t − s)] [+ emb(class)]`` split per layer, ``h_1 = silu(W_x x + c_1)``,
+        ``h_k = silu(W_k h_{k−1} + c_k)``; :meth:`forward` applies the output layer to ``h_depth``."""
         cfg = self.config
         check_x(x, f"[B, {cfg.data_dim}]", x.ndim == 2 and x.shape[1] == cfg.data_dim)
         check_times(x, t, s, cfg.two_time)
