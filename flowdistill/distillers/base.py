@@ -47,6 +47,11 @@ class OptimGroup:
     repeats: int = 1
     every: int = 1
 
+    @classmethod
+    def trainable(cls, name: str, module: nn.Module, lr: float, **kw: Any) -> OptimGroup:
+        """The group of ``module``'s parameters that require grad (frozen ones, e.g. LoRA bases, left out)."""
+        return cls(name, [p for p in module.parameters() if p.requires_grad], lr, **kw)
+
 
 @dataclass(frozen=True)
 class BenchRow:
@@ -178,7 +183,7 @@ class Distiller(nn.Module):
     # -- the contract ------------------------------------------------------------------
     def optim_groups(self, lr: float) -> list[OptimGroup]:
         """Parameter groups; default: the student alone at the run's learning rate."""
-        return [OptimGroup("student", [p for p in self.student.parameters() if p.requires_grad], lr)]
+        return [OptimGroup.trainable("student", self.student, lr)]
 
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
         """Named scalar losses for ``group``; ``"loss"`` is minimised. Nothing to optimise at this

@@ -249,9 +249,9 @@ class FreeFlow(Distiller):
         """``"fake"`` (ψ, ``fake_repeats`` updates per step) first, then ``"student"``."""
         groups = []
         if self.fake is not None:
-            groups.append(OptimGroup("fake", [p for p in self.fake.parameters() if p.requires_grad],
-                                     lr * self.cfg.fake_lr_scale, repeats=self.cfg.fake_repeats))
-        groups.append(OptimGroup("student", [p for p in self.student.parameters() if p.requires_grad], lr))
+            groups.append(OptimGroup.trainable("fake", self.fake, lr * self.cfg.fake_lr_scale,
+                                               repeats=self.cfg.fake_repeats))
+        groups.append(OptimGroup.trainable("student", self.student, lr))
         return groups
 
     # -- batches -----------------------------------------------------------------------
