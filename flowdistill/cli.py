@@ -184,9 +184,54 @@ def _grid(x, path: Path) -> None:
     image_grid(x, path, nrow=ncol, scale=scale)
 
 
+def _pipeline_student(run_dir: str) -> Path | None:
+    """The student directory of a diffusers pipeline run (or of its export), else ``None``."""
+    from flowdistill.integrations.diffusers.render import student_dir_of
+
+    return student_dir_of(run_dir)
+
+
+def _cmd_sample_pipeline(args: argparse.Namespace, student_dir: Path) -> None:
+    """``sample`` of a diffusers pipeline run: the original pipeline class with the student's LoRA
+    and scheduler renders the prompts at each NFE (VAE decode), PNGs plus a labelled grid."""
+    from flowdistill.integrations.diffusers import render
+    from flowdistill.runs import check_output_dir
+
+    if args.solver is not None or args.labels is not None:
+        raise FlowDistillError("--solver, --class and --labels are for built-in runs; a pipeline run samples "
+                               "with its own scheduler and takes --prompt / --prompts")
+    out = Path(args.out or "samples")
+    if out.suffix in (".png", ".safetensors"):
+        raise FlowDistillError(f"--out of a pipeline run is a directory (PNGs per NFE and grid.png), "
+                               f"got {out.name}")
+    check_output_dir(out, "--out")
+    prompts = render.read_prompts_arg(args.prompt, args.prompts)
+    nfes = args.nfe or [1, 2, 4]
+    pipe = render.load_run_pipeline(args.run_dir, device=args.device)
+    res = render.render_prompts(pipe, prompts, nfes, out, seed=args.seed, per_prompt=args.n or 1,
+                                height=args.height, width=args.width,
+                                guidance=render.run_guidance(pipe, student_dir), batch_size=args.batch_size)
+    count = sum(len(v) for v in res.files.values())
+    print(f"{count} images ({len(prompts)} prompts at NFE {', '.join(map(str, nfes))}) written to {out} "
+          f"(nfeK/pNN_J.png and grid.png)")
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     """Sample a run (or a saved model directory) and write the samples (see ``sample --help``)."""
     import re
+
+    student_dir = _pipeline_student(args.run_dir)
+    if student_dir is not None:
+        return _cmd_sample_pipeline(args, student_dir)
+    if args.prompt or args.prompts:
+        raise FlowDistillError("--prompt / --prompts are for diffusers pipeline runs "
+                               "(teacher: {diffusers: ...})")
+    if args.nfe is not None and len(args.nfe) > 1:
+        given = ",".join(map(str, args.nfe))
+        raise FlowDistillError(f"--nfe takes one value for a built-in run, got {given} "
+                               f"(`flowdistill eval` sweeps several)")
+    args.nfe = args.nfe[0] if args.nfe else 1
+    args.out = args.out or "samples.png"
 
     from flowdistill.api import load_run
     from flowdistill.data.registry import sample_shape_of
@@ -247,12 +292,46 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     print(f"{x.shape[0]} samples at NFE {args.nfe} written to {written}")
 
 
+def _cmd_eval_pipeline(args: argparse.Namespace, student_dir: Path) -> None:
+    """``eval`` of a diffusers pipeline run: FID/KID (Inception) against ``--reference``, CLIP score with
+    ``--clip-model``, at each NFE; tables, plots and a grid."""
+    from flowdistill.integrations.diffusers.pipeline_eval import evaluate_pipeline_run
+    from flowdistill.integrations.diffusers.render import read_prompts_arg
+    from flowdistill.runs import check_output_dir
+
+    if args.reference is None:
+        raise FlowDistillError("eval of a pipeline run needs --reference FOLDER (real images for FID/KID)")
+    if args.solver is not None or args.labels is not None:
+        raise FlowDistillError("--solver, --class and --labels are for built-in runs")
+    if args.out:
+        out = Path(args.out)
+    else:
+        run_dir = Path(args.run_dir)
+        out = run_dir / "eval" if student_dir.name == "student" else Path(f"{run_dir.resolve().name}_eval")
+    check_output_dir(out, "--out")
+    prompts = read_prompts_arg(None, args.prompts) if args.prompts else None
+    md = evaluate_pipeline_run(args.run_dir, out, reference=args.reference, nfes=args.nfe, n=args.n,
+                               prompts=prompts, seed=args.seed if args.seed is not None else 0,
+                               clip_model=args.clip_model, inception_weights=args.inception_weights,
+                               device=args.device)
+    print(md)
+    print(f"tables and plots written to {out}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     """NFE sweep of a run (or a saved model directory); settings default to its ``eval:`` section."""
     from flowdistill.api import load_run
     from flowdistill.eval.run_eval import evaluate_run
     from flowdistill.runs import check_output_dir
 
+    student_dir = _pipeline_student(args.run_dir)
+    if student_dir is not None:
+        return _cmd_eval_pipeline(args, student_dir)
+    for flag, value in (("--reference", args.reference), ("--clip-model", args.clip_model),
+                        ("--prompts", args.prompts)):
+        if value is not None:
+            raise FlowDistillError(f"{flag} is for diffusers pipeline runs; a built-in run is scored against "
+                                   f"its own dataset")
     run = load_run(args.run_dir)
     if args.out:
         out = Path(args.out)
@@ -267,12 +346,20 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from flowdistill.integrations.diffusers.export import export_run
+    """Export a run: a FlowDistillPipeline directory, or for a diffusers pipeline run the LoRA weights
+    and scheduler config the original pipeline class loads."""
+    from flowdistill.integrations.diffusers.export import export_pipeline_run, export_run
     from flowdistill.runs import check_output_dir
 
     check_output_dir(args.out_dir, "OUT_DIR")
     if Path(args.out_dir).exists():
         check_output_dir(Path(args.out_dir).resolve().parent, "the directory of OUT_DIR")
+    if _pipeline_student(args.run_dir) is not None:
+        out = export_pipeline_run(args.run_dir, args.out_dir, overwrite=args.overwrite,
+                                  check=not args.no_check)
+        print(f"student written to {out}: pipe.load_lora_weights({str(out)!r}) on the original pipeline "
+              f"class, then pipe.scheduler = <scheduler class, README.md>.from_pretrained({str(out)!r})")
+        return
     out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
     print(f"diffusers pipeline written to {out} (load with FlowDistillPipeline.from_pretrained)")
 
@@ -284,6 +371,13 @@ def _cmd_recipe(args: argparse.Namespace) -> None:
     runs = run_recipe(args.recipe, args.overrides, report=not args.no_report, only=only)
     if _is_main_process():
         print("runs: " + ", ".join(f"{k}={v}" for k, v in runs.items()))
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    """``flowdistill embed``: the prompt-embedding (or latent) cache of a pipeline (:mod:`.prompt_cache`)."""
+    from flowdistill.integrations.diffusers.prompt_cache import cmd_embed
+
+    cmd_embed(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -338,8 +432,12 @@ def _add_labels(sp: argparse.ArgumentParser) -> None:
                    help="class labels taken in turn by the samples (default: unconditional)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (one sub-command per job)."""
+EMBED_HELP = "cache a pipeline's prompt embeddings (or image latents) for training"
+
+
+def build_parser(full_embed: bool = False) -> argparse.ArgumentParser:
+    """The argument parser (one sub-command per job). ``full_embed=False`` lists ``embed`` without its
+    options (its module imports torch; ``--version`` and ``--help`` stay light)."""
     p = _Parser(prog="flowdistill", description=DESCRIPTION,
                 epilog="`flowdistill COMMAND --help` lists a command's options and their defaults.")
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -395,21 +493,39 @@ def build_parser() -> argparse.ArgumentParser:
     run_help = ("a run directory, or a saved model directory (config.json + weights, e.g. "
                 "assets/digits_teacher, with its train_config.yaml beside)")
     sp = sub.add_parser("sample", parents=[plugin], help="sample a trained run or a saved model",
-                        description="Draw N samples from a run's student (or a saved model) and write them.")
-    sp.add_argument("run_dir", metavar="RUN", help=run_help)
-    sp.add_argument("--nfe", type=_positive, default=1, help="network evaluations per sample")
+                        description="Draw N samples from a run's student (or a saved model) and write them. "
+                                    "A diffusers pipeline run (teacher: {diffusers: ...}) renders --prompt / "
+                                    "--prompts through the original pipeline class at each --nfe: PNGs per "
+                                    "NFE and a labelled grid (rows = prompts, columns = NFE).")
+    sp.add_argument("run_dir", metavar="RUN", help=run_help + ", or a diffusers pipeline run or its export")
+    sp.add_argument("--nfe", type=_nfe_list, default=None, metavar="NFE",
+                    help="network evaluations per sample (default: 1); a pipeline run takes a "
+                         "comma-separated list (default: 1,2,4)")
     sp.add_argument("--n", type=_positive, default=None,
-                    help="number of samples (default: 64 for images, 2000 for 2-D data)")
+                    help="number of samples (default: 64 for images, 2000 for 2-D data; a pipeline run: "
+                         "images per prompt, default 1)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the noise")
     sp.add_argument("--solver", default=None, choices=solvers, metavar="SOLVER",
                     help="ODE solver for velocity students, one of: %(choices)s "
                          "(default: the run's distiller.sample_solver)")
     _add_labels(sp)
-    sp.add_argument("--out", default="samples.png",
+    sp.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                    help="a prompt to render (pipeline runs; repeatable)")
+    sp.add_argument("--prompts", default=None, metavar="FILE",
+                    help="prompts file to render (pipeline runs; .txt one a line, .jsonl / .csv 'prompt')")
+    sp.add_argument("--height", type=_positive, default=None, help="image height in pixels (pipeline runs; "
+                    "default: the pipeline's)")
+    sp.add_argument("--width", type=_positive, default=None, help="image width in pixels (pipeline runs; "
+                    "default: the pipeline's)")
+    sp.add_argument("--batch-size", type=_positive, default=8,
+                    help="images per pipeline call (pipeline runs)")
+    sp.add_argument("--device", default="cpu", help="device the pipeline runs on (pipeline runs)")
+    sp.add_argument("--out", default=None,
                     help="FILE.png (an image grid of all N, or a scatter plot for 2-D data), "
                          "FILE.safetensors (the tensor), or a directory (no suffix): one PNG per sample "
                          "(sample_NNNNN.png, replacing earlier ones) plus grid.png for images, "
-                         "samples.safetensors plus scatter.png for 2-D data")
+                         "samples.safetensors plus scatter.png for 2-D data (default: samples.png; a "
+                         "pipeline run writes a directory, default samples/)")
 
     sp = sub.add_parser("eval", parents=[plugin], help="evaluate a run or a saved model at several NFE",
                         description="NFE sweep: sliced W2 / energy distance on toy data, FID/KID on images, "
@@ -426,15 +542,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--inception-weights", default=None, metavar="PATH",
                     help="local Inception-v3 weights file (.pth or .safetensors) for datasets scored with "
                          "Inception features (default: torch hub's cached copy; nothing is downloaded)")
+    sp.add_argument("--reference", default=None, metavar="FOLDER",
+                    help="real images for FID/KID of a diffusers pipeline run (required there)")
+    sp.add_argument("--clip-model", default=None, metavar="PATH",
+                    help="a local transformers CLIPModel directory: adds the CLIP score (pipeline runs)")
+    sp.add_argument("--prompts", default=None, metavar="FILE",
+                    help="prompts to render (pipeline runs; default: the prompts of the run's prompt cache)")
+    sp.add_argument("--device", default="cpu", help="device the pipeline runs on (pipeline runs)")
     sp.add_argument("--out", default=None,
                     help="output directory (default: RUN/eval; NAME_eval in the current directory for a "
                          "saved model directory)")
 
     sp = sub.add_parser("export", parents=[plugin],
-                        help="export a run's student as a diffusers pipeline directory")
+                        help="export a run's student as a diffusers pipeline directory (a pipeline run: LoRA "
+                             "weights + scheduler config for the original pipeline class)")
     sp.add_argument("run_dir", metavar="RUN", help="a run directory")
     sp.add_argument("out_dir", metavar="OUT_DIR", help="the pipeline directory to write")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    sp.add_argument("--no-check", action="store_true",
+                    help="pipeline runs: skip sampling the export against the run's own sampler")
+
+    if full_embed:
+        from flowdistill.integrations.diffusers.prompt_cache import add_embed_parser
+
+        add_embed_parser(sub, [plugin])
+    else:  # listed without importing torch; parse_args builds the real one when the command is embed
+        sub.add_parser("embed", help=EMBED_HELP)
 
     sp = sub.add_parser("demo", parents=[plugin], help="the default job on a built-in problem")
     sp.add_argument("--out", default="runs/demo", help="demo run directory (replaced each time)")
@@ -451,7 +584,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub-command's overrides; a leftover flag, or a leftover word for a sub-command without
     overrides, is the usual ``unrecognized arguments`` error (exit status 2).
     """
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(full_embed="embed" in argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
@@ -482,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_eval(args)
         elif args.command == "export":
             _cmd_export(args)
+        elif args.command == "embed":
+            _cmd_embed(args)
         elif args.command == "demo":
             _cmd_demo(args)
     except FlowDistillError as e:

@@ -241,3 +241,169 @@ custom_pipeline="pipeline", trust_remote_code=True)` (runs this directory's `pip
 imports the class from flowdistill). `flowdistill.integrations.diffusers.FlowDistillPipeline
 .from_pretrained("{name}")` works as well.
 """
+
+
+# -------------------------------------------------------------------------- diffusers pipeline runs
+
+
+def _cache_condition(cfg, k: int):
+    """``k`` prompts' embeddings from the run's prompt cache (``data.root``), or ``None`` when the cache
+    is not readable here (the export's self-check is then skipped)."""
+    import torch
+
+    try:
+        from flowdistill.integrations.diffusers.prompt_cache import PromptEmbeddingStore
+
+        store = PromptEmbeddingStore(str(cfg.data.root))
+        idx = torch.arange(min(k, len(store)))
+        return store.get_many(idx), [store.prompts[i] for i in idx.tolist()]
+    except (OSError, ValueError, KeyError, ImportError):
+        return None
+
+
+def verify_pipeline_run(run_dir: str | Path, student_dir: str | Path, nfes: tuple[int, ...] = (1, 2),
+                        k: int = 2, seed: int = 0) -> float | None:
+    """Max |pipeline − run sampler| of the latents over ``nfes`` for ``k`` cached prompts: the original
+    pipeline class with ``student_dir`` applied (:func:`~.render.load_student_pipeline`) against
+    ``load_run(run_dir).sample`` on the same noise and embeddings. ``None`` when the run's prompt
+    cache cannot be read here."""
+    from flowdistill.api import load_run
+    from flowdistill.integrations.diffusers import render
+
+    run = load_run(run_dir)
+    got = _cache_condition(run.cfg, k)
+    if got is None:
+        return None
+    cond, _ = got
+    n = next(iter(cond.values())).shape[0]
+    sdir = Path(student_dir)
+    pipe = render.load_student_pipeline(render.read_student_meta(sdir)["pipeline"], sdir,
+                                        dtype=next(run.student.parameters()).dtype)
+    guidance = render.run_guidance(pipe, sdir)
+    worst = 0.0
+    for nfe in nfes:
+        want = run.sample(n, nfe, seed=seed, cond=cond)
+        noise = render.draw_noise(tuple(want.shape[1:]), n, seed)  # = load_run's own seeded draw
+        out = render.generate(pipe, nfe, noise, embeds=cond, guidance=guidance)
+        worst = max(worst, (out.float() - want.float()).abs().max().item())
+    return worst
+
+
+def export_pipeline_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
+                        check: bool = True) -> Path:
+    """Export a diffusers pipeline run (``teacher: {diffusers: ...}``) for the original pipeline class.
+
+    ``out_dir`` gets the LoRA weights ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(
+    out_dir)``; a full student: its ``transformer/`` or ``unet/``), ``scheduler_config.json`` (the
+    ``FlowDistillScheduler`` — for a DDPM-UNet pipeline the ``FlowDistillVPScheduler`` — to swap in),
+    a two-time student's ``second_time.safetensors``, ``flowdistill.json`` and a model card
+    ``README.md`` that says how to swap it all in. With ``check`` the export samples the run's first
+    two cached prompts at NFE 1 and 2 through the pipeline and through the run's own sampler, warns
+    above 1e-4 (relative to the latents' scale) and records the difference.
+    """
+    import shutil
+
+    from flowdistill.integrations.diffusers import render
+
+    src = render.student_dir_of(run_dir)
+    if src is None:
+        raise RunDirError(f"{run_dir} is not a diffusers pipeline run (no student/flowdistill.json)")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunDirError(f"{out} is not empty; pass --overwrite to replace it")
+    meta = render.read_student_meta(src)
+    if not Path(str(meta.get("pipeline", ""))).is_dir():
+        raise RunDirError(f"the teacher pipeline {meta.get('pipeline')} of {run_dir} is not a directory here")
+    from diffusers import DiffusionPipeline
+
+    base = DiffusionPipeline.load_config(str(meta["pipeline"]), local_files_only=True)
+    pipe_cls = str(base.get("_class_name", meta.get("pipeline_class", "")))
+    kind = render.PIPELINE_KINDS.get(pipe_cls)
+    if kind is None:
+        raise ConfigError(f"pipeline class {pipe_cls} of {meta['pipeline']}: export supports "
+                          f"{', '.join(sorted(render.PIPELINE_KINDS))}")
+    pipe = render.load_student_pipeline(meta["pipeline"], src)
+    guidance = render.run_guidance(pipe, src)
+    diff = verify_pipeline_run(run_dir, src) if check else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.name in ("flowdistill.json", "scheduler_config.json", "README.md"):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        pipe.scheduler.save_config(str(tmp))
+        info = {**meta, "pipeline": str(Path(meta["pipeline"]).resolve()), "pipeline_class": pipe_cls, "scheduler_class": type(pipe.scheduler).__name__,
+                "pipeline_kwargs": guidance, "run_dir": str(Path(run_dir).resolve()),
+                "max_abs_diff_vs_run_sampler": diff}
+        (tmp / "flowdistill.json").write_text(json.dumps(info, indent=2))
+        (tmp / "README.md").write_text(pipeline_model_card(info, out.name, diff))
+    if check and diff is None:
+        warnings.warn(f"export of {run_dir}: the run's prompt cache is not readable here, so the pipeline "
+                      f"was not checked against the run's sampler", stacklevel=2)
+    elif diff is not None and diff > 1e-4:
+        warnings.warn(f"the exported student in {pipe_cls} differs from the run's own sampler by {diff:.3g} "
+                      f"(NFE 1, 2)", stacklevel=2)
+    return out
+
+
+def pipeline_model_card(info: dict, name: str, diff: float | None) -> str:
+    """The model card of a pipeline-run export: what was distilled and the exact swap-in code."""
+    sched_cls = info.get("scheduler_class", "FlowDistillScheduler")
+    sched_mod = "vp_scheduler" if sched_cls == "FlowDistillVPScheduler" else "scheduler"
+    two_time = bool(info.get("two_time"))
+    lora = info.get("student", "diffusers_lora") == "diffusers_lora"
+    kw = ", ".join(f"{k}={v!r}" for k, v in (info.get("pipeline_kwargs") or {}).items())
+    sub = info.get("subfolder", "transformer")
+    load = (f'pipe.load_lora_weights("{name}")' if lora else
+            f'pipe.register_modules({sub}=type(pipe.{sub}).from_pretrained("{name}/{sub}"))')
+    extra = ""
+    if two_time:
+        extra = (f'\nload_second_time(pipe.{sub}, "{name}")  '
+                 f"# the student's second time embedding\nfollow_scheduler_time(pipe)  "
+                 f"# each step tells the denoiser its target time s\n")
+    imports = f"from flowdistill.integrations.diffusers.{sched_mod} import {sched_cls}\n"
+    if two_time:
+        imports += ("from flowdistill.integrations.diffusers.render import follow_scheduler_time\n"
+                    "from flowdistill.integrations.diffusers.two_time import load_second_time\n")
+    check = ("not checked" if diff is None
+             else f"max abs diff of the latents to the run's sampler {diff:.3g} (NFE 1, 2)")
+    steps = (info.get("scheduler") or {})
+    return f"""---
+library_name: diffusers
+tags: [flowdistill, distillation, lora, {info.get('distiller', '')}]
+---
+
+# {name}
+
+A few-step student of `{info.get('pipeline')}` (`{info.get('pipeline_class')}`), distilled by flowdistill
+(`{info.get('distiller')}`, {info.get('steps', '?')} training steps, student `{info.get('student')}`,
+{'two-time flow map u(x, t, s)' if two_time else 'one-time velocity'}). Sample it with the original
+pipeline class, its LoRA weights and the `{sched_cls}` swapped in (config: `{steps}`).
+
+| | |
+|---|---|
+| teacher pipeline | `{info.get('pipeline')}` |
+| method | `{info.get('distiller')}` |
+| scheduler | `{sched_cls}` (`scheduler_config.json`) |
+| pipeline arguments | `{kw or 'none'}` |
+| export self-check | {check} |
+
+## Usage
+
+```python
+import torch
+from diffusers import {info.get('pipeline_class')}
+{imports}
+pipe = {info.get('pipeline_class')}.from_pretrained("{info.get('pipeline')}")
+{load}
+pipe.scheduler = {sched_cls}.from_pretrained("{name}")
+{extra}image = pipe("a photo of a cat", num_inference_steps=4{', ' + kw if kw else ''}).images[0]
+```
+
+Each step maps the latent at noise level t to s with x_s = x_t + (s − t)·u (time = noise level,
+t = 1 noise, t = 0 data); no classifier-free guidance at sampling (it is distilled into the
+student). Or from the command line: `flowdistill sample {name} --prompt "a photo of a cat" --nfe 1,2,4
+--out samples/`.
+"""
