@@ -303,3 +303,26 @@ def test_cmd_embed_prompts_and_images(request, tmp_path, capsys):
         cmd_embed(embed_args(path, "--out", tmp_path / "x"))
     with pytest.raises(ConfigError, match="not a diffusers pipeline directory"):
         cmd_embed(embed_args(tmp_path, tmp_path / "p.txt", "--out", tmp_path / "y", "--device", "cpu"))
+
+
+@pytest.mark.slow  # two torchrun workers start in ~30-80 s on a small shared CPU box
+def test_torchrun_two_processes_equal_one(request, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, free_port
+
+    path = request.getfixturevalue("sd3_pipeline_dir")
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
+    args = [str(path), str(tmp_path / "p.txt"), "--batch-size", "2", "--shard-size", "2",
+            "--max-sequence-length", "8", "--resolution", "32", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "tests/embed_worker.py", *args, "--out", str(tmp_path / "two")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("7 rows") == 1  # only rank 0 reports
+    one = cmd_embed(embed_args(*args, "--out", tmp_path / "one"))
+    assert cache_bytes(tmp_path / "two") == cache_bytes(one)
