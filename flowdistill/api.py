@@ -250,6 +250,46 @@ def couple(cfg: JobConfig, resume: bool = False, overwrite: bool = False, progre
                           cfg.guidance, resume=resume, overwrite=overwrite, progress=progress)
 
 
+# -- job kinds --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobKind:
+    """How a job whose teacher is not a saved flowdistill model is trained and loaded
+    (``train(cfg, resume, overwrite, on_plot) -> run_dir``, ``load(run_dir, cfg) -> LoadedRun``,
+    ``build(cfg) -> job``), registered by the integration that reads such teachers."""
+
+    train: Callable[..., Path]
+    load: Callable[..., Any]
+    build: Callable[..., Any] | None = None
+
+
+_JOB_KINDS: dict[str, JobKind] = {}
+#: The module that registers each built-in job kind (imported on first use, like a ``--plugin``).
+_BUILTIN_KINDS = {"diffusers": "flowdistill.integrations.diffusers.pipeline_job"}
+
+
+def register_job_kind(name: str, train: Callable[..., Path], load: Callable[..., Any],
+                      build: Callable[..., Any] | None = None) -> None:
+    """Register the train/load functions of the job kind ``name`` (``"diffusers"``: a config whose
+    ``teacher`` is ``{diffusers: PATH, ...}``)."""
+    _JOB_KINDS[name] = JobKind(train, load, build)
+
+
+def job_kind(cfg: JobConfig) -> JobKind | None:
+    """The registered kind of ``cfg``'s job (``None``: a job on flowdistill's own models).
+
+    A diffusers teacher's kind lives in the diffusers integration, above this layer; its module is
+    imported by name on first use, the way ``--plugin`` imports a user's module."""
+    from flowdistill.config import diffusers_teacher
+
+    if diffusers_teacher(cfg) is None:
+        return None
+    if "diffusers" not in _JOB_KINDS:
+        from flowdistill.plugins import load_plugins
+
+        load_plugins([_BUILTIN_KINDS["diffusers"]])
+    return _JOB_KINDS["diffusers"]
+
+
 # -- training -----------------------------------------------------------------------------
 def progress_plot(trainer: Trainer, step: int, eval_spec=None) -> Path:
     """The default ``train.plot_every`` plot: the current (EMA) student's samples at the first
@@ -285,6 +325,9 @@ def train(cfg: JobConfig, resume: bool = False, overwrite: bool = False,
     and on ``resume`` the newest checkpoint is loaded before ``config.yaml`` is rewritten, so a
     corrupt checkpoint leaves the run as it was.
     """
+    kind = job_kind(cfg)
+    if kind is not None:  # a diffusers pipeline teacher: the integration's job
+        return kind.train(cfg, resume=resume, overwrite=overwrite, on_plot=on_plot)
     run_dir = Path(cfg.out_dir)
     config_yaml = to_yaml(cfg)
     check_run_dir(run_dir, config_yaml, resume=resume, overwrite=overwrite)  # read-only, every process
@@ -394,6 +437,9 @@ def load_run(run_dir: str | Path, data: Any = None) -> LoadedRun:
         raise CheckpointError(f"{run_dir} is not a run directory (config.yaml missing) nor a saved model "
                               f"directory (config.json missing)")
     cfg = load_config(cfg_file)
+    kind = job_kind(cfg)
+    if kind is not None:  # a diffusers pipeline run: the integration rebuilds teacher denoiser + student
+        return kind.load(run_dir, cfg)
     student_dir = run_dir / "student"
     if not student_dir.is_dir():
         raise CheckpointError(f"{run_dir} has no exported student (training unfinished?)")

@@ -53,12 +53,50 @@ class EvalSpec:
     seed: int = 1234
 
 
+#: Weight dtypes a diffusers teacher can be loaded in (``teacher.dtype``).
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class DiffusersTeacherSpec:
+    """A teacher read from a diffusers pipeline directory (``teacher: {diffusers: PATH, ...}``).
+
+    ``diffusers`` is the pipeline directory (``model_index.json`` + component folders), or a hub id
+    when the user names one (then it is downloaded; nothing else ever reaches the network);
+    ``subfolder`` the denoiser's folder (``""``: ``transformer`` or ``unet``, whichever the
+    pipeline has); ``variant`` a weights variant (``fp16``; ``""``: none); ``dtype`` the weights'
+    dtype (``float32`` | ``bfloat16`` | ``float16``), which LoRA and full students share.
+    """
+
+    diffusers: str = ""
+    subfolder: str = ""
+    variant: str = ""
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        """One-line :class:`~flowdistill.errors.ConfigError` naming the key for a bad value."""
+        if not str(self.diffusers).strip():
+            raise ConfigError("teacher.diffusers must name a diffusers pipeline directory (or a hub id)")
+        if self.dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"teacher.dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.dtype!r}")
+        if self.subfolder and self.subfolder not in ("transformer", "unet"):
+            raise ConfigError(f"teacher.subfolder must be 'transformer' or 'unet' (or empty: whichever the "
+                              f"pipeline has), got {self.subfolder!r}")
+
+
+def diffusers_teacher(cfg: JobConfig) -> DiffusersTeacherSpec | None:
+    """The job's diffusers teacher spec, or ``None`` when ``teacher`` is a run/model path (or empty)."""
+    return cfg.teacher if isinstance(cfg.teacher, DiffusersTeacherSpec) else None
+
+
 @dataclass
 class JobConfig:
     """A training job (teacher training or distillation)."""
 
     out_dir: str = MISSING
-    teacher: str = ""  # directory of a saved teacher (run_dir/student or a model dir)
+    # a saved teacher's directory (run_dir/student or a model dir), or a diffusers pipeline:
+    # {diffusers: PATH, subfolder, variant, dtype} (DiffusersTeacherSpec; a mapping here)
+    teacher: Any = ""
     init: str = ""  # start the student from this run/model directory instead of the teacher (recipes)
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -173,12 +211,15 @@ def load_config_mapping(raw: dict[str, Any] | DictConfig, overrides: list[str] |
         raw, over = _drop_legacy_guidance(raw), _drop_legacy_guidance(over)
         name = OmegaConf.select(over, "distiller.name") or OmegaConf.select(raw, "distiller.name") \
             or default_distiller
-        merged = OmegaConf.merge(_schema(str(name)), raw, over)
+        schema = _schema(str(name))
+        _type_teacher(schema, raw, over)
+        merged = OmegaConf.merge(schema, raw, over)
         obj = OmegaConf.to_object(merged)
     except (ConfigError, UnknownNameError):
         raise
     except OmegaConfBaseException as e:
         raise _err(e) from None
+    _check_teacher(obj)
     obj.train.validate()
     try:
         obj.distiller.validate()
@@ -189,6 +230,26 @@ def load_config_mapping(raw: dict[str, Any] | DictConfig, overrides: list[str] |
     except ValueError as e:  # the message starts with the key
         raise ConfigError(str(e)) from None
     return obj
+
+
+def _type_teacher(schema: DictConfig, raw: DictConfig, over: DictConfig) -> None:
+    """Type ``teacher`` as :class:`DiffusersTeacherSpec` when the file or an override gives it as a
+    mapping (``teacher: {diffusers: ...}`` or ``teacher.diffusers=PATH``), so its keys are checked
+    like any section's; a plain string keeps the saved-model meaning."""
+    if any(isinstance(c.get("teacher"), DictConfig) for c in (raw, over)):
+        schema.teacher = OmegaConf.structured(DiffusersTeacherSpec)
+
+
+def _check_teacher(obj: JobConfig) -> None:
+    """``teacher`` is a path string or a valid :class:`DiffusersTeacherSpec` (one-line errors)."""
+    t = obj.teacher
+    if isinstance(t, DiffusersTeacherSpec):
+        t.validate()
+    elif isinstance(t, (int, float)) and not isinstance(t, bool):  # a path typed as a number, as before
+        obj.teacher = str(t)
+    elif not isinstance(t, str):
+        raise ConfigError(f"config key 'teacher' must be a path or a mapping {{diffusers: PATH, subfolder, "
+                          f"variant, dtype}}, got {type(t).__name__}")
 
 
 #: Per-distiller guidance keys of earlier versions, now the top-level ``guidance:`` section.

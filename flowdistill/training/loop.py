@@ -87,6 +87,13 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
+def to_device(batch, device):
+    """``batch`` (tensors, possibly in nested dicts: a text condition's embeddings) moved to ``device``."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up then constant or cosine decay (to 0 at ``cfg.steps``)."""
     f = 1.0
@@ -135,12 +142,18 @@ class Trainer:
         own = distiller.batch_source()
         if own is None and distiller.needs_data and source is None:
             raise ConfigError(f"distiller {distiller.name!r} needs a dataset")
-        # Data-free distillers never receive the job's dataset.
+        # Data-free distillers never receive the job's dataset, except a condition-only one (its
+        # items hold "cond" alone, e.g. prompt embeddings): its conditions join the prior batch.
         self.source = own if own is not None else (source if distiller.needs_data else None)
+        self.cond_source = source if (self.source is None and source is not None
+                                      and getattr(source, "condition_only", False)) else None
         if sample_shape is None:
             sample_shape = tuple(self.source.sample_shape) if self.source is not None else None
         if sample_shape is None:
             raise ConfigError("sample_shape is needed for a data-free distiller")
+        if self.source is not None and getattr(self.source, "condition_only", False):
+            raise ConfigError(f"distiller {distiller.name!r} trains on data, but the dataset holds "
+                              f"conditions only (no samples): use a dataset with samples (e.g. latents)")
         if self.source is not None and tuple(self.source.sample_shape) != tuple(sample_shape):
             raise ConfigError(f"the data source has sample shape {list(self.source.sample_shape)}, "
                               f"but the job's data {list(sample_shape)}")
@@ -275,17 +288,24 @@ class Trainer:
 
     def _next_data(self, key: BatchKey) -> dict[str, torch.Tensor]:
         if self._batches is None:
-            loader = make_loader(self.source, self._keys(self.step), self.cfg.seed, self.cfg.num_workers)
+            source = self.source if self.source is not None else self.cond_source
+            loader = make_loader(source, self._keys(self.step), self.cfg.seed, self.cfg.num_workers)
             self._batches = iter(zip(self._keys(self.step), loader, strict=False))
         want, batch = next(self._batches)
         if want != key:  # the loop and its key list disagree: a bug, never silently wrong data
             raise RuntimeError(f"data loader out of step: expected {key}, loader served {want}")
-        return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+        return to_device(batch, self.acc.device)
 
     def _batch(self, rng: StepRNG, key: BatchKey) -> dict:
+        """The batch of ``key``: the dataset's, or the prior's (data-free methods) with the
+        condition-only dataset's ``cond`` of the same key merged in (deterministic per key, so
+        resumed and multi-process runs see the same conditions)."""
         if self.source is not None:
             return self._next_data(key)
-        return self.distiller.prior_batch(rng, self.local_batch, self.sample_shape)
+        batch = self.distiller.prior_batch(rng, self.local_batch, self.sample_shape)
+        if self.cond_source is not None:
+            batch["cond"] = self._next_data(key)["cond"]
+        return batch
 
     # -- one step ----------------------------------------------------------------------
     def _no_sync(self, group: str, last: bool):

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowdistill import kernels
+from flowdistill.core.guidance import GuidedField
 from flowdistill.core.registry import Registry
 
 TEACHER_ADAPTERS: Registry = Registry("teacher adapter")
@@ -128,30 +128,47 @@ def _cat_cond(a: TextCondition, b: TextCondition) -> TextCondition:
                          cat(a.pooled_prompt_embeds, b.pooled_prompt_embeds), cat(a.guidance, b.guidance))
 
 
-class TextCFGField(nn.Module):
+class TextCFGField(GuidedField):
     """Classifier-free guidance of a text-conditioned field with a negative (or empty) prompt:
 
         v = v(x, t, c₋) + w·(v(x, t, c₊) − v(x, t, c₋))
 
     as the SD3/SD pipelines do (both branches in one batched call). ``negative`` is a
     :class:`TextCondition` of batch 1 or ``B`` (its prompt length must match the positive one's).
+    A :class:`~flowdistill.core.guidance.GuidedField` (Ho & Salimans 2022) with the negative prompt
+    as the low branch: the guidance interval, per-sample scales (``w=``), the fused Euler combine
+    and :func:`~flowdistill.core.guidance.unguided` (a fake-velocity net copies ``field``) all apply.
     """
 
-    def __init__(self, field: nn.Module, scale: float, negative: TextCondition | Mapping):
-        super().__init__()
-        self.field, self.scale = field, float(scale)
+    def __init__(self, field: nn.Module, scale: float, negative: TextCondition | Mapping,
+                 interval: tuple[float, float] | None = None, scale_range: tuple[float, float] | None = None):
+        super().__init__(scale, interval, scale_range)
+        self.field = field
         self.negative = TextCondition.coerce(negative)
 
-    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, cond: Any = None) -> Tensor:
-        """Guided velocity; ``cond`` is the positive :class:`TextCondition` (or dict)."""
-        b = x.shape[0]
+    @property
+    def base(self) -> nn.Module:
+        """The conditional field under the guidance."""
+        return self.field
+
+    def _velocities(self, x: Tensor, t: Tensor, cond: Any, scale: Any) -> tuple[Tensor, Tensor]:
+        """``(v(x, t, c₋), v(x, t, c₊))`` in one batched call (one call when ``scale`` is 1)."""
         pos = TextCondition.coerce(cond)
         if pos is None:
             raise ValueError("TextCFGField needs the positive condition as cond")
+        if not isinstance(scale, Tensor) and float(scale) == 1.0:
+            v = self.field(x, t, cond=pos)
+            return v, v
+        b = x.shape[0]
         both = _cat_cond(self.negative.batched(b), pos.batched(b))
         v = self.field(torch.cat([x, x]), torch.cat([t, t]), cond=both)
         v_neg, v_pos = v.chunk(2)
-        return kernels.cfg_combine(v_neg, v_pos, self.scale)
+        return v_neg, v_pos
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, cond: Any = None,
+                w: Any = None) -> Tensor:
+        """Guided velocity; ``cond`` is the positive :class:`TextCondition` (or dict), ``s`` ignored."""
+        return super().forward(x, t, cond=cond, w=w)
 
 
 def _model_class_name(model: nn.Module) -> str:

@@ -33,7 +33,10 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _LORA_PIPELINES = {
     "SD3Transformer2DModel": "StableDiffusion3Pipeline",
     "FluxTransformer2DModel": "FluxPipeline",
+    "UNet2DConditionModel": "StableDiffusionPipeline",
 }
+# the denoiser's component name in that pipeline's LoRA format (``<component>.…`` keys)
+_LORA_COMPONENT = {"UNet2DConditionModel": "unet"}
 
 
 def require_peft() -> None:
@@ -105,15 +108,16 @@ def save_lora(model: nn.Module, out_dir: str | Path, adapter_name: str = "defaul
 
     ``model`` is the diffusers transformer (a teacher adapter or a
     :class:`~flowdistill.integrations.diffusers.segment_student.OneTimeSegmentStudent` around it is
-    unwrapped). Keys are prefixed ``transformer.`` and the peft config is stored as
+    unwrapped). Keys are prefixed ``transformer.`` (``unet.`` for a UNet2DCondition model, whose
+    pipeline is ``StableDiffusionPipeline``) and the peft config is stored as
     ``lora_adapter_metadata`` (safetensors). ``scheduler`` (a ``FlowDistillScheduler`` or its config
     keys) is saved as ``out_dir/scheduler_config.json``.
     """
-    for _ in range(3):  # OneTimeSegmentStudent.net -> adapter.model -> the transformer
+    for _ in range(4):  # segment student .net / two-time .adapter -> adapter.model -> the transformer
         if getattr(model, "peft_config", None):
             break
-        inner = getattr(model, "net", None)
-        inner = inner if isinstance(inner, nn.Module) else getattr(model, "model", None)
+        inner = next((getattr(model, a) for a in ("net", "adapter", "model")
+                      if isinstance(getattr(model, a, None), nn.Module)), None)
         if not isinstance(inner, nn.Module):
             break
         model = inner
@@ -122,9 +126,10 @@ def save_lora(model: nn.Module, out_dir: str | Path, adapter_name: str = "defaul
     pipe_cls = _pipeline_class(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe_cls.save_lora_weights(str(out), transformer_lora_layers=lora_state_dict(model, adapter_name),
-                               transformer_lora_adapter_metadata=model.peft_config[adapter_name].to_dict(),
-                               weight_name=weight_name, safe_serialization=True)
+    comp = _LORA_COMPONENT.get(type(model).__name__, "transformer")
+    layers = {f"{comp}_lora_layers": lora_state_dict(model, adapter_name),
+              f"{comp}_lora_adapter_metadata": model.peft_config[adapter_name].to_dict()}
+    pipe_cls.save_lora_weights(str(out), **layers, weight_name=weight_name, safe_serialization=True)
     if scheduler is not None:
         from flowdistill.integrations.diffusers.scheduler import FlowDistillScheduler
 
