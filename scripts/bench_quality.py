@@ -35,6 +35,15 @@ teacher at Heun 64 steps, NFE 128, the row ``teacher (Heun)``). Straightness row
     # only some rows (a regex on the row labels), plus a saved run evaluated beside them:
     OMP_NUM_THREADS=1 python scripts/bench_quality.py --methods lcm,pcm,tscd --rows "LCM|PCM .k=4" \
         --extra "TSCD progressive k=4 stage=runs/bench/checkerboard/tscd_progressive_checkerboard/k4@4"
+    # class-conditional digits: balanced labels (i mod 10) for every model, the teacher with CFG 1.5
+    OMP_NUM_THREADS=1 python scripts/bench_quality.py --methods pcm --rows "^$" --digits --problems "" \
+        --labels balanced --teacher-guidance 1.5 --extra "TSCD CFG 1.5=runs/tscd_digits_cfg@4"
+
+Labels on digits (``--labels``): by default every model samples with the null label (the
+unconditional protocol of the shipped teacher's FID 0.785); ``balanced`` gives sample ``i`` class
+``i mod 10`` and compares with the same test split (``flowdistill.eval.image_eval.class_labels``).
+``--teacher-guidance W`` samples the teacher with classifier-free guidance ``w = W`` (as a job's
+``guidance.scale``), to compare a student distilled from the guided teacher with its teacher.
 """
 
 from __future__ import annotations
@@ -270,9 +279,10 @@ def toy_rows(problem: str, runs: dict[str, tuple[Any, list[int]]], n: int, seeds
 
 
 def digits_rows(runs: dict[str, tuple[Any, list[int]]], seeds: list[int], cache: Path,
-                solvers: dict[str, str] | None = None) -> list[dict]:
+                solvers: dict[str, str] | None = None, labels: str | None = None) -> list[dict]:
     """FID rows (digits features, n = 360 against the test split, floor train-vs-test) over seeds;
-    ``solvers[label]`` samples that entry with another solver (``""``/absent: the run's default)."""
+    ``solvers[label]`` samples that entry with another solver (``""``/absent: the run's default);
+    ``labels``: ``None`` (null label) or ``"balanced"``, the same labels for every model."""
     from flowdistill.data.registry import reference_images
     from flowdistill.eval.image_eval import image_sweep
 
@@ -280,12 +290,15 @@ def digits_rows(runs: dict[str, tuple[Any, list[int]]], seeds: list[int], cache:
     real = reference_images(spec, 360)
     per_seed = []
     solver_of = {k: (solvers or {}).get(k) or None for k in runs}
+    num_classes = max(r.num_classes for r, _ in runs.values())
     for s in seeds:
-        samplers = {k: (lambda m, b, sd, run=r, sol=solver_of[k]: run.sample(m, b, seed=sd, solver=sol))
+        samplers = {k: (lambda m, b, sd, cond=None, run=r, sol=solver_of[k]:
+                        run.sample(m, b, seed=sd, solver=sol, cond=cond))
                     for k, (r, _) in runs.items()}
         sweep, _ = image_sweep(samplers, {k: v for k, (_, v) in runs.items()}, real.reference, real.floor,
                                seed=s, feature_extractor=real.feature_extractor, cache_dir=cache,
-                               reference_name=f"{real.name}-n{real.reference.shape[0]}")
+                               reference_name=f"{real.name}-n{real.reference.shape[0]}", labels=labels,
+                               num_classes=num_classes)
         per_seed.append({(r["model"], r["nfe"]): r for r in sweep})
     rows = []
     for key in per_seed[0]:
@@ -295,6 +308,21 @@ def digits_rows(runs: dict[str, tuple[Any, list[int]]], seeds: list[int], cache:
                               kid=statistics.fmean(r["kid_mean"] for r in rs),
                               kid_floor=statistics.fmean(r["kid_floor"] for r in rs), n=rs[0]["n"]))
     return rows
+
+
+def guide_teacher(run: Any, scale: float) -> None:
+    """Sample the loaded teacher ``run`` with classifier-free guidance ``w = scale``,
+    ``v_∅ + w·(v_c − v_∅)`` (a job's ``guidance.scale``; ``core.guidance``), in place of its saved
+    guidance; a ConfigError for an unconditional teacher or a method that samples unguided."""
+    from flowdistill.core.guidance import GuidanceSpec
+    from flowdistill.data.registry import sample_shape_of
+    from flowdistill.errors import ConfigError
+    from flowdistill.models.teachers import guidance_for
+
+    if not run.distiller.guided_sampling:
+        raise ConfigError(f"--teacher-guidance: the teacher's method {run.distiller.name!r} samples unguided")
+    spec = GuidanceSpec(scale=float(scale))
+    run.distiller.sample_guidance = guidance_for(spec, run.student, "teacher", sample_shape_of(run.cfg.data))
 
 
 def add_ratios(rows: list[dict[str, Any]], teacher_label: str, problem_best: bool,
@@ -321,12 +349,14 @@ def add_ratios(rows: list[dict[str, Any]], teacher_label: str, problem_best: boo
 def bench_problem(problem: str, methods: list[str], explicit: dict[str, Path], runs_dir: Path, scale: float,
                   n: int, seeds: list[int], teachers: dict[str, Path] | None = None, rows_re: str = "",
                   extra: dict[str, tuple[Path, list[int]]] | None = None,
-                  teacher_nfe: list[int] | None = None) -> list[dict[str, Any]]:
+                  teacher_nfe: list[int] | None = None, labels: str | None = None,
+                  teacher_guidance: float = 1.0) -> list[dict[str, Any]]:
     """Train (or reuse) every method's rows on ``problem`` and evaluate them beside the teacher
     (``teachers[problem]`` when given, else the shipped one). ``rows_re``: only the rows whose label
     it matches (``re.search``); ``extra``: saved runs evaluated beside them, ``label → (dir, nfes)``;
     ``teacher_nfe``: the teacher's NFEs (default: the students' and ``MANY_NFE``; digits add Heun
-    ``MANY_NFE // 2`` steps when ``MANY_NFE`` is among them)."""
+    ``MANY_NFE // 2`` steps when ``MANY_NFE`` is among them); ``labels`` (digits): ``None`` or
+    ``"balanced"``; ``teacher_guidance``: the teacher sampled with that CFG scale (1 = as saved)."""
     from flowdistill.api import load_run
     from flowdistill.distillers import DISTILLERS
 
@@ -357,12 +387,14 @@ def bench_problem(problem: str, methods: list[str], explicit: dict[str, Path], r
         student_nfes |= set(nfes)
     teacher_nfes = sorted(teacher_nfe or student_nfes | {MANY_NFE} | set(fm.eval_nfe))
     teacher_run = load_run(teacher)
+    if teacher_guidance != 1.0:
+        guide_teacher(teacher_run, teacher_guidance)
     runs = {teacher_label: (teacher_run, teacher_nfes), **runs}
     if problem == "digits" and MANY_NFE in teacher_nfes:
         runs = {**runs, DIGITS_REF[0]: (teacher_run, [DIGITS_REF[1]])}
     log(f"{problem}: evaluating {len(runs)} models over {len(seeds)} seeds")
     if problem == "digits":
-        rows = digits_rows(runs, seeds, runs_dir / "digits" / "fid_cache", {DIGITS_REF[0]: "heun"})
+        rows = digits_rows(runs, seeds, runs_dir / "digits" / "fid_cache", {DIGITS_REF[0]: "heun"}, labels)
     else:
         rows = toy_rows(problem, runs, n, seeds)
     add_ratios(rows, teacher_label, problem_best=problem == "digits",
@@ -396,6 +428,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--teacher-nfe", default="",
                     help="the teacher's NFEs, comma-separated (default: the students' and 128; on digits "
                          "128 also adds Heun 64 steps)")
+    ap.add_argument("--labels", default="", choices=["", "balanced"],
+                    help="digits: the class labels every model samples with ('' = the null label; "
+                         "balanced = i mod 10, the class-conditional protocol)")
+    ap.add_argument("--teacher-guidance", type=float, default=1.0,
+                    help="sample the teacher with classifier-free guidance of this scale (1 = as saved)")
     ap.add_argument("--n", type=int, default=4000, help="samples per toy evaluation")
     ap.add_argument("--seeds", type=int, default=5, help="evaluation seeds (DESIGN §7: >= 5 for toys)")
     ap.add_argument("--seed", type=int, default=1234, help="first evaluation seed")
@@ -426,6 +463,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--rows is not a regular expression: {e}")
     if not args.steps_scale > 0 or args.n < 2 or args.seeds < 1:
         ap.error("--steps-scale must be positive, --n >= 2, --seeds >= 1")
+    if not args.teacher_guidance >= 0:
+        ap.error(f"--teacher-guidance must be >= 0, got {args.teacher_guidance}")
+    args.labels = args.labels or None
     if not args.problems and not args.digits:
         ap.error("nothing to do: give --problems and/or --digits")
     return args
@@ -467,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, Any]] = []
         for problem in [*args.problems, *(["digits"] if args.digits else [])]:
             rows += bench_problem(problem, args.methods, args.config, runs_dir, args.steps_scale, args.n,
-                                  seeds, args.teacher, args.rows, args.extra, args.teacher_nfe)
+                                  seeds, args.teacher, args.rows, args.extra, args.teacher_nfe, args.labels,
+                                  args.teacher_guidance)
     except (FlowDistillError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -53,3 +53,34 @@ def test_digits_ratio_is_pinned_to_the_heun_row():
     rows = [_row("teacher", 1, 3.0, "sw2"), _row("teacher", 128, 0.5, "sw2"), _row("s", 1, 0.6, "sw2")]
     bench.add_ratios(rows, "teacher", problem_best=False)
     assert [r["ratio"] for r in rows] == pytest.approx([6.0, 1.0, 1.2])
+
+
+def test_labels_and_teacher_guidance_parse():
+    bench = _bench()
+    a = bench.parse_args(["--methods", "pcm", "--digits", "--labels", "balanced",
+                          "--teacher-guidance", "1.5"])
+    assert a.labels == "balanced" and a.teacher_guidance == 1.5
+    assert bench.parse_args(["--methods", "pcm"]).labels is None  # default: the null label
+    for bad in (["--labels", "uniform"], ["--teacher-guidance", "-1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--methods", "pcm", *bad])
+
+
+@pytest.mark.skipif(not (REPO / "assets" / "digits_teacher").is_dir(), reason="digits teacher not shipped")
+def test_teacher_guidance_is_cfg_on_the_shipped_teacher():
+    """One Euler step from the same noise is linear in the velocity, so the teacher guided with
+    w = 2 gives exactly 2·(class sample) − (null-label sample): v_∅ + 2·(v_c − v_∅). Tolerance
+    1e-5: float32 rounding of three network evaluations."""
+    import torch
+
+    from flowdistill.api import load_run
+
+    bench = _bench()
+    run = load_run(REPO / "assets" / "digits_teacher")
+    cond = torch.arange(8) % 10
+    s_c = run.sample(8, 1, seed=3, cond=cond)
+    s_null = run.sample(8, 1, seed=3)
+    bench.guide_teacher(run, 2.0)
+    s_w = run.sample(8, 1, seed=3, cond=cond)
+    torch.testing.assert_close(s_w, 2 * s_c - s_null, rtol=0, atol=1e-5)
+    assert (s_w - s_c).abs().max() > 1e-2  # and guidance changed the samples
