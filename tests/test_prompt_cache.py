@@ -301,6 +301,8 @@ def test_cmd_embed_prompts_and_images(request, tmp_path, capsys):
     assert LatentStore(root).get_many(torch.tensor([2]))["latents"].shape == (1, 4, 16, 16)
     with pytest.raises(ConfigError, match="either PROMPTS .* or --images"):
         cmd_embed(embed_args(path, "--out", tmp_path / "x"))
+    with pytest.raises(ConfigError, match="PIPELINE_DIR: no directory"):
+        cmd_embed(embed_args(tmp_path / "nope", tmp_path / "p.txt", "--out", tmp_path / "y"))
     with pytest.raises(ConfigError, match="not a diffusers pipeline directory"):
         cmd_embed(embed_args(tmp_path, tmp_path / "p.txt", "--out", tmp_path / "y", "--device", "cpu"))
 

@@ -154,16 +154,19 @@ def _process() -> tuple[int, int, str]:
 
 
 def load_pipeline(path: str, dtype: torch.dtype, device: str) -> Any:
-    """The pipeline at ``path`` without its denoiser (only the encoders and the VAE are needed)."""
+    """The pipeline at ``path`` without its denoiser (only the encoders and the VAE are needed); a
+    hub id is downloaded first (online), so the denoiser's config is read from the local copy."""
     from diffusers import DiffusionPipeline
 
+    if not Path(path).exists():
+        if path.startswith(("/", ".", "~")) or path.count("/") != 1:  # not an "org/name" hub id
+            raise ConfigError(f"PIPELINE_DIR: no directory {path}")
+        path = DiffusionPipeline.download(path)
     index = Path(path) / "model_index.json"
-    if Path(path).exists() and not index.is_file():
+    if not index.is_file():
         raise ConfigError(f"PIPELINE_DIR: {path} is not a diffusers pipeline directory (no model_index.json)")
-    skip = {}
-    if index.is_file():
-        comps = json.loads(index.read_text())
-        skip = {k: None for k in ("transformer", "unet", "safety_checker") if k in comps}
+    comps = json.loads(index.read_text())
+    skip = {k: None for k in ("transformer", "unet", "safety_checker") if k in comps}
     pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **skip)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
