@@ -35,8 +35,8 @@ def ratios(run_dir: str, norm: str, n: int = 1024, c: float = 0.1) -> torch.Tens
     cond = torch.full((n,), d.num_classes, dtype=torch.long) if d.num_classes else None
     with torch.no_grad():
         v = net(x_t, t, cond=cond)
-        _, dvdt = d.vm_target(x_t, t, cond, v)
-    corr = (tb * dvdt).reshape(n, -1).norm(dim=1)
+        _, corr = d.vm_target(x_t, t, cond, v)  # t·N(dv/dt)
+    corr = corr.reshape(n, -1).norm(dim=1)
     return corr / v.reshape(n, -1).norm(dim=1)
 
 

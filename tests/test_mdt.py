@@ -124,7 +124,8 @@ def test_finite_difference_is_first_order_in_delta_against_the_jvp():
     errs = []
     for delta in (0.02, 0.01, 0.005):
         d = _mdt(student, teacher, derivative="fd", dvdt_norm="none", delta=delta)
-        _, dvdt = d.vm_target(x, t, None, v)
+        _, corr = d.vm_target(x, t, None, v)  # t·dv/dt
+        dvdt = corr / t[:, None]
         errs.append(float((dvdt - exact).norm()))
     assert errs[0] > 1e-4  # not exact: there is an error to halve
     for a, b in zip(errs, errs[1:], strict=False):
@@ -164,6 +165,28 @@ def test_normaliser_l2_rms_and_none():
         assert float(rms_form.pow(2).mean().sqrt()) == pytest.approx(0.9, abs=0.1)
     with pytest.raises(ValueError, match="dvdt_norm"):
         normalize_derivative(d, "max", 0.1)
+
+
+def test_corr_clip_bounds_the_correction_per_sample_and_keeps_its_direction():
+    """``corr_clip ρ``: after the clip ``‖t·N(d)‖ ≤ ρ·‖v_T‖`` for every sample, clipped samples are
+    the unclipped correction rescaled (same direction, norm exactly ``ρ·‖v_T‖``), the others are
+    bit-identical; off (None) leaves the target as it was. Curved Gaussian teacher, FD, ``none``."""
+    teacher = GaussianField(0.3)
+    student = Student(teacher.average, 1.3)  # not the exact u: a correction of varying size
+    x, t = _points(b=256)
+    v = teacher(x, t)
+    _, raw = _mdt(student, teacher, dvdt_norm="none").vm_target(x, t, None, v)
+    ratio = raw.norm(dim=1) / v.norm(dim=1)
+    rho = float(ratio.median())  # half the samples get clipped
+    target, corr = _mdt(student, teacher, dvdt_norm="none", corr_clip=rho).vm_target(x, t, None, v)
+    torch.testing.assert_close(target, v - corr, rtol=0, atol=0)
+    inside = ratio <= rho
+    assert 0 < int(inside.sum()) < 256
+    assert torch.equal(corr[inside], raw[inside])
+    out = ~inside
+    torch.testing.assert_close(corr[out].norm(dim=1), rho * v[out].norm(dim=1), rtol=1e-12, atol=0)
+    cos = (corr[out] * raw[out]).sum(1) / (corr[out].norm(dim=1) * raw[out].norm(dim=1))
+    torch.testing.assert_close(cos, torch.ones_like(cos), rtol=1e-12, atol=1e-12)
 
 
 # -- velocity distillation ---------------------------------------------------------------------
@@ -268,7 +291,7 @@ def test_euler_sampler_is_the_deterministic_renoise_and_renoise_uses_fresh_noise
 @pytest.mark.parametrize("key,value", [("derivative", "central"), ("target", "slow"), ("dvdt_norm", "max"),
                                        ("sampler", "ddpm"), ("delta", 0.0), ("delta", 1.0),
                                        ("dvdt_c", -1.0), ("lambda_vm", -1.0), ("uncond_share", 2.0),
-                                       ("time_std", 0.0), ("vd_guidance_scale", -1.0),
+                                       ("time_std", 0.0), ("vd_guidance_scale", -1.0), ("corr_clip", 0.0),
                                        ("sample_grid", "nope")])
 def test_config_errors_name_their_key(key, value):
     if key == "sample_grid":  # a registry name: the registry's error names the unknown grid

@@ -25,7 +25,11 @@ so ``L_VM = mean ‖v_θ(x_t, t) − sg(v_T − t·N(dv/dt))‖²`` with ``x_t``
   code's norm over all ``D`` elements, which bounds the correction by ``t`` in norm while ``‖v_T‖ ≈
   √D``, so the correction fades as dimension grows (measured in docs/mdt.md); ``"rms"`` uses
   ``‖d‖/√D`` instead, which keeps the correction's per-element scale the same at every ``D``;
-  ``"none"`` is the exact identity. ``c`` is ``dvdt_c``.
+  ``"none"`` is the exact identity. ``c`` is ``dvdt_c``;
+- ``corr_clip`` ``ρ`` (off by default, not in the paper): a per-sample relative clip of the
+  correction, ``t·N(d) ← t·N(d)·min(1, ρ·‖v_T‖/‖t·N(d)‖)``, which keeps its direction and bounds
+  it by ``ρ`` times the teacher velocity at every ``D`` (between ``none``, which lets a noisy
+  derivative through, and ``l2``, which caps it at ``t`` whatever ``‖v_T‖``).
 
 **Velocity distillation.** The one-step sample from the *same* noise, with gradient,
 ``x̂ = ε − v_θ(ε, 1)``, is re-noised with the same ``ε`` and ``t``: ``x_r = (1 − t)·x̂ + t·ε``.
@@ -103,6 +107,7 @@ class MDTConfig(DistillerConfig):
     target_decay: float = 0.95
     dvdt_norm: str = "l2"  # l2 (official, fades with D) | rms (dimension-free) | none (exact identity)
     dvdt_c: float = 0.1
+    corr_clip: float | None = None  # ρ: per-sample ‖t·N(dv/dt)‖ ≤ ρ·‖v_T‖ (None: off)
     vd_guidance_scale: float | None = None  # None: VD's teacher is VM's (the job's guidance:)
     vd_normalize: bool = False  # DMD's per-sample 1/mean|x̂ − x̂0_real| on the VD gradient
     vd_start: int = 0  # VD is on from this step (VM from 0)
@@ -130,6 +135,8 @@ class MDTConfig(DistillerConfig):
             raise ConfigError(f"distiller.target_decay must be in [0, 1], got {self.target_decay}")
         if not 0.0 <= self.uncond_share <= 1.0:
             raise ConfigError(f"distiller.uncond_share must be in [0, 1], got {self.uncond_share}")
+        if self.corr_clip is not None and not self.corr_clip > 0:
+            raise ConfigError(f"distiller.corr_clip must be > 0 (or null), got {self.corr_clip}")
         if self.vd_guidance_scale is not None and not self.vd_guidance_scale >= 0:
             raise ConfigError(f"distiller.vd_guidance_scale must be >= 0 (or null), "
                               f"got {self.vd_guidance_scale}")
@@ -158,6 +165,15 @@ def normalize_derivative(d: Tensor, mode: str, c: float) -> Tensor:
     elif mode != "l2":
         raise ValueError(f"dvdt_norm must be one of {', '.join(NORMS)}, got {mode!r}")
     return d / (bcast(norm, d) + c)
+
+
+def clip_relative(corr: Tensor, ref: Tensor, rho: float) -> Tensor:
+    """Per-sample relative clip ``k·min(1, ρ·‖ref‖/‖k‖)``: ``‖k‖ ≤ ρ·‖ref‖`` after, direction kept,
+    samples already inside unchanged (norms over all non-batch elements)."""
+    kn = corr.reshape(corr.shape[0], -1).norm(dim=1)
+    rn = ref.reshape(ref.shape[0], -1).norm(dim=1)
+    scale = (rho * rn / kn.clamp_min(1e-30)).clamp(max=1.0)
+    return corr * bcast(scale, corr)
 
 
 @register_distiller("mdt")
@@ -207,7 +223,8 @@ class MDT(Distiller):
     @torch.no_grad()
     def vm_target(self, x: Tensor, t: Tensor, cond: Tensor | None, v_teacher: Tensor,
                   v_here: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(v_T − t·N(dv/dt), N(dv/dt))`` at ``(x, t)`` along the teacher velocity ``v_teacher``.
+        """``(v_T − k, k)`` at ``(x, t)`` along the teacher velocity ``v_teacher``, with the
+        correction ``k = t·N(dv/dt)`` (clipped to ``corr_clip·‖v_T‖`` per sample when set).
 
         ``v_here``: ``v_θ⁻(x, t)`` already computed (the online student's own forward), reused
         by the finite difference."""
@@ -223,8 +240,10 @@ class MDT(Distiller):
             if cfg.target != "online":
                 v_here = None
             _, dvdt = backward_difference(fn, (x, t), (v_teacher, ones), h=cfg.delta, value=v_here)
-        dvdt = normalize_derivative(dvdt, cfg.dvdt_norm, cfg.dvdt_c)
-        return v_teacher - bcast(t, x) * dvdt, dvdt
+        corr = bcast(t, x) * normalize_derivative(dvdt, cfg.dvdt_norm, cfg.dvdt_c)
+        if cfg.corr_clip is not None:
+            corr = clip_relative(corr, v_teacher, cfg.corr_clip)
+        return v_teacher - corr, corr
 
     # -- losses ------------------------------------------------------------------------
     def _labels(self, cond: Tensor | None, rng: StepRNG) -> Tensor | None:
@@ -250,11 +269,11 @@ class MDT(Distiller):
             with torch.no_grad():
                 v_t = self.teacher(x_t, t, cond=cond)
             v = student(x_t, t, cond=cond)
-            target, dvdt = self.vm_target(x_t, t, cond, v_t, v_here=v.detach())
+            target, corr = self.vm_target(x_t, t, cond, v_t, v_here=v.detach())
             l_vm = (v - target).pow(2).mean()
             total = total + cfg.lambda_vm * l_vm
             out["vm"] = l_vm.detach()
-            out["vm_corr_ratio"] = _ratio(bcast(t, x) * dvdt, v_t)
+            out["vm_corr_ratio"] = _ratio(corr, v_t)
         if cfg.lambda_vd > 0 and step >= cfg.vd_start:
             l_vd, g = self._vd(eps, t, cond, student)
             total = total + cfg.lambda_vd * l_vd
