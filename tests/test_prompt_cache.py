@@ -14,6 +14,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import flowdistill.integrations.diffusers.embedding_store as embedding_store
+from flowdistill.data.couplings import write_shard
 from flowdistill.errors import ConfigError
 from flowdistill.integrations.diffusers.embedding_store import EmbeddingCacheError
 from flowdistill.integrations.diffusers.latent_cache import (
@@ -116,6 +117,13 @@ def test_manifest_records_settings_and_shards(request, tmp_path):
     with pytest.raises(EmbeddingCacheError, match="shard-000001.safetensors.*checksum"):
         PromptEmbeddingStore(root).get_many(torch.tensor([6]))
     assert PromptEmbeddingStore(root).get_many(torch.tensor([0]))["prompt_embeds"].shape == (1, 85, 32)
+    # a shard listed with its checksum but holding another dtype than the header's fields
+    rec = write_shard(root, 0, {"prompt_embeds": torch.zeros(5, 85, 32, dtype=torch.bfloat16),
+                                "pooled_prompt_embeds": torch.zeros(5, 64)}, {})
+    man["shards"][0] = rec
+    (root / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(EmbeddingCacheError, match=r"'prompt_embeds' missing or not float32 \[5, 85, 32\]"):
+        PromptEmbeddingStore(root).get_many(torch.tensor([0]))
 
 
 @torch.no_grad()
@@ -134,6 +142,7 @@ def test_resume_after_crash_equals_uninterrupted(request, tmp_path, monkeypatch)
     real = embedding_store.write_shard
 
     def crash_on_third(*a, **k):
+        """``write_shard`` killed before the third shard lands."""
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")

@@ -54,6 +54,8 @@ from flowdistill.errors import FlowDistillError
 
 NEGATIVE = "negative.safetensors"
 PROMPTS = "prompts.jsonl"
+#: safetensors header dtype names → torch dtype names, for the fields a cache stores.
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 #: Header keys that are not settings: filled in while writing, or informative (the path the
 #: pipeline was loaded from; its encoders' weights digest is the identity that is checked).
 _MUTABLE = ("shards", "complete", "pipeline")
@@ -182,6 +184,7 @@ def write_cache(root: str | os.PathLike, header: dict, items: Sequence[dict], ne
             todo.append(k)
     if any(k in records for k in todo):  # never list a shard being rewritten
         def drop(man: dict) -> dict:
+            """Unlist the shards about to be rewritten."""
             man["shards"] = [s for s in man["shards"] if s["index"] not in todo]
             man["complete"] = False
             return man
@@ -198,6 +201,7 @@ def write_cache(root: str | os.PathLike, header: dict, items: Sequence[dict], ne
         rec = write_shard(root, k, tensors, {"format": fmt, "index": str(k), "count": str(stop - start)})
 
         def add(man: dict, rec: dict = rec) -> dict:
+            """List shard ``rec`` (replacing an older record of its index)."""
             man["shards"] = sorted([s for s in man["shards"] if s["index"] != rec["index"]] + [rec],
                                    key=lambda s: s["index"])
             return _mark_if_complete(man)
@@ -251,8 +255,11 @@ class EmbeddingCache:
                                       f"manifest; rewrite it with `flowdistill embed ... --resume`")
         f = safe_open(str(path), framework="pt")
         for name, spec in self.fields.items():
-            if name not in f.keys() or list(f.get_slice(name).get_shape()) != [rec["count"], *spec["shape"]]:
-                raise EmbeddingCacheError(f"cache shard {path}: field {name!r} missing or of the wrong shape")
+            head = f.get_slice(name) if name in f.keys() else None
+            if head is None or list(head.get_shape()) != [rec["count"], *spec["shape"]] \
+                    or _SAFETENSORS_DTYPES.get(head.get_dtype()) != spec["dtype"]:
+                raise EmbeddingCacheError(f"cache shard {path}: field {name!r} missing or not "
+                                          f"{spec['dtype']} {[rec['count'], *spec['shape']]}")
         self._open[k] = f
         return f
 
