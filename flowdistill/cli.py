@@ -208,8 +208,9 @@ def _cmd_sample_pipeline(args: argparse.Namespace, student_dir: Path) -> None:
     prompts = render.read_prompts_arg(args.prompt, args.prompts)
     nfes = args.nfe or [1, 2, 4]
     pipe = render.load_run_pipeline(args.run_dir, device=args.device)
+    h, w = render.run_image_size(pipe, student_dir)
     res = render.render_prompts(pipe, prompts, nfes, out, seed=args.seed, per_prompt=args.n or 1,
-                                height=args.height, width=args.width,
+                                height=args.height or h, width=args.width or w,
                                 guidance=render.run_guidance(pipe, student_dir), batch_size=args.batch_size)
     count = sum(len(v) for v in res.files.values())
     print(f"{count} images ({len(prompts)} prompts at NFE {', '.join(map(str, nfes))}) written to {out} "
@@ -514,9 +515,9 @@ def build_parser(full_embed: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--prompts", default=None, metavar="FILE",
                     help="prompts file to render (pipeline runs; .txt one a line, .jsonl / .csv 'prompt')")
     sp.add_argument("--height", type=_positive, default=None, help="image height in pixels (pipeline runs; "
-                    "default: the pipeline's)")
+                    "default: the size the run trained at)")
     sp.add_argument("--width", type=_positive, default=None, help="image width in pixels (pipeline runs; "
-                    "default: the pipeline's)")
+                    "default: the size the run trained at)")
     sp.add_argument("--batch-size", type=_positive, default=8,
                     help="images per pipeline call (pipeline runs)")
     sp.add_argument("--device", default="cpu", help="device the pipeline runs on (pipeline runs)")

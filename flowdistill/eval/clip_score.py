@@ -81,7 +81,8 @@ def clip_score(images: Tensor | Sequence[Any], prompts: Sequence[str], model: An
                           return_tensors="pt", padding=True, truncation=True)
         batch = {k: v.to(dev) for k, v in batch.items()}
         img = model.get_image_features(pixel_values=batch["pixel_values"])
-        txt = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        txt = model.get_text_features(input_ids=batch["input_ids"],
+                                      attention_mask=batch.get("attention_mask"))
         img = getattr(img, "pooler_output", img)  # transformers versions differ in what they return
         txt = getattr(txt, "pooler_output", txt)
         cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)

@@ -334,7 +334,8 @@ def export_pipeline_run(run_dir: str | Path, out_dir: str | Path, overwrite: boo
                 continue
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         pipe.scheduler.save_config(str(tmp))
-        info = {**meta, "pipeline": str(Path(meta["pipeline"]).resolve()), "pipeline_class": pipe_cls, "scheduler_class": type(pipe.scheduler).__name__,
+        info = {**meta, "pipeline": str(Path(meta["pipeline"]).resolve()), "pipeline_class": pipe_cls,
+                "scheduler_class": type(pipe.scheduler).__name__,
                 "pipeline_kwargs": guidance, "run_dir": str(Path(run_dir).resolve()),
                 "max_abs_diff_vs_run_sampler": diff}
         (tmp / "flowdistill.json").write_text(json.dumps(info, indent=2))

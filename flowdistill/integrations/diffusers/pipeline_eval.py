@@ -41,12 +41,12 @@ def run_prompts(run_dir: str | Path) -> list[str]:
 
 
 def _images(pipe: Any, prompts: list[str], nfe: int, noise: torch.Tensor, guidance: dict[str, Any],
-            batch_size: int) -> torch.Tensor:
+            batch_size: int, height: int, width: int) -> torch.Tensor:
     """``[n, 3, H, W]`` in [-1, 1]: the pipeline's decoded images of ``prompts`` from ``noise``."""
     out = []
     for lo in range(0, len(prompts), batch_size):
         x = render.generate(pipe, nfe, noise[lo:lo + batch_size], prompts=prompts[lo:lo + batch_size],
-                            output_type="pt", guidance=guidance)
+                            output_type="pt", guidance=guidance, height=height, width=width)
         out.append(x.float().cpu() * 2 - 1)
     return torch.cat(out)
 
@@ -93,14 +93,14 @@ def evaluate_pipeline_run(run_dir: str | Path, out_dir: str | Path, *, reference
     flat = [prompt_list[i % len(prompt_list)] for i in range(n)]
     pipe = render.load_run_pipeline(run_dir, device=device)
     guidance = render.run_guidance(pipe, sdir)
-    h, w = render.default_size(pipe)
+    h, w = render.run_image_size(pipe, sdir)
     noise = render.draw_noise(render.latent_shape(pipe, h, w), n, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     label = str(meta.get("distiller", "student"))
     rows, shown = [], {}
     for nfe in nfes:
-        x = _images(pipe, flat, int(nfe), noise, guidance, batch_size)
+        x = _images(pipe, flat, int(nfe), noise, guidance, batch_size, h, w)
         m = compute_fid(x, str(ref), feature_extractor="inception", inception_weights=weights, seed=seed,
                         cache_dir=out / "fid_cache")
         row = {"model": label, "nfe": int(nfe), "fid": m["fid"], "kid_mean": m["kid_mean"],

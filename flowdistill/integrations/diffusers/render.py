@@ -306,6 +306,16 @@ def run_guidance(pipe: Any, student_dir: str | Path) -> dict[str, Any]:
     return guidance_kwargs(pipe, 1.0, flux_guidance)
 
 
+def run_image_size(pipe: Any, student_dir: str | Path) -> tuple[int, int]:
+    """``(height, width)`` in pixels the run trained at (its ``latent_shape`` × the VAE factor), else
+    the pipeline's default size."""
+    shape = read_student_meta(student_dir).get("latent_shape")
+    if not shape:
+        return default_size(pipe)
+    f = int(pipe.vae_scale_factor)
+    return int(shape[1]) * f, int(shape[2]) * f
+
+
 def to_pil(img: Tensor) -> Any:
     """One image ``[C, H, W]`` in [-1, 1] as a PIL RGB image."""
     from PIL import Image
