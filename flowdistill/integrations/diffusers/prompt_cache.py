@@ -153,11 +153,12 @@ def _process() -> tuple[int, int, str]:
     return 0, 1, "cuda" if cuda else "cpu"
 
 
-def load_pipeline(path: str, dtype: torch.dtype, device: str) -> Any:
+def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, device: str) -> Any:
     """The pipeline at ``path`` without its denoiser (only the encoders and the VAE are needed); a
     hub id is downloaded first (online), so the denoiser's config is read from the local copy."""
     from diffusers import DiffusionPipeline
 
+    path = str(path)
     if not Path(path).exists():
         if path.startswith(("/", ".", "~")) or path.count("/") != 1:  # not an "org/name" hub id
             raise ConfigError(f"PIPELINE_DIR: no directory {path}")
