@@ -60,6 +60,11 @@ def _labels(s: str) -> list[int]:
     return vals
 
 
+def _labels_or_balanced(s: str) -> list[int] | str:
+    """``--labels balanced`` (class ``i mod C`` for sample ``i``) or comma-separated class labels."""
+    return "balanced" if s.strip() == "balanced" else _labels(s)
+
+
 def _label(s: str) -> list[int]:
     """``--class N``: one non-negative class label (as a one-element list)."""
     try:
@@ -334,6 +339,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             raise FlowDistillError(f"{flag} is for diffusers pipeline runs; a built-in run is scored against "
                                    f"its own dataset")
     run = load_run(args.run_dir)
+    if args.labels == "balanced":  # i mod C: flowdistill.eval.image_eval.class_labels' "balanced"
+        if run.num_classes <= 0:
+            raise FlowDistillError(f"--labels balanced needs a class-conditional run; {args.run_dir} has "
+                                   f"num_classes=0")
+        args.labels = list(range(run.num_classes))
     if args.out:
         out = Path(args.out)
     else:  # a run keeps its eval; a shipped model directory is left as it is
@@ -424,13 +434,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
-def _add_labels(sp: argparse.ArgumentParser) -> None:
-    """``--class N`` / ``--labels A,B,...`` (exclusive) for class-conditional runs."""
+def _add_labels(sp: argparse.ArgumentParser, balanced: bool = False) -> None:
+    """``--class N`` / ``--labels A,B,...`` (exclusive) for class-conditional runs; with ``balanced``
+    also ``--labels balanced``."""
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--class", dest="labels", type=_label, default=None, metavar="N",
                    help="draw every sample from class N (class-conditional runs; default: unconditional)")
-    g.add_argument("--labels", dest="labels", type=_labels, default=None, metavar="A,B,...",
-                   help="class labels taken in turn by the samples (default: unconditional)")
+    extra = (" or 'balanced': sample i from class i mod C, the class-conditional FID protocol against all "
+             "real images" if balanced else "")
+    g.add_argument("--labels", dest="labels", type=_labels_or_balanced if balanced else _labels, default=None,
+                   metavar="A,B,...", help=f"class labels taken in turn by the samples{extra} "
+                                           f"(default: unconditional)")
 
 
 EMBED_HELP = "cache a pipeline's prompt embeddings (or image latents) for training"
@@ -539,7 +553,7 @@ def build_parser(full_embed: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="evaluation seed (default: eval.seed)")
     sp.add_argument("--solver", default=None, choices=solvers, metavar="SOLVER",
                     help="ODE solver for velocity students, one of: %(choices)s (default: eval.solver)")
-    _add_labels(sp)
+    _add_labels(sp, balanced=True)
     sp.add_argument("--inception-weights", default=None, metavar="PATH",
                     help="local Inception-v3 weights file (.pth or .safetensors) for datasets scored with "
                          "Inception features (default: torch hub's cached copy; nothing is downloaded)")
