@@ -15,4 +15,8 @@ python scripts/bench_kernels.py --json "$OUT/bench_kernels.json" > "$OUT/bench_k
 # 3. a GPU training step of the teacher and of a distiller
 python -m flowdistill.cli train-teacher configs/teacher_checkerboard.yaml \
   out_dir="$OUT/teacher" train.steps=200 --overwrite > "$OUT/train_gpu.txt" 2>&1
+# 4. issue 15: an SD3-sized transformer (24 blocks, random weights), two-time LoRA student, bf16, gradient
+#    checkpointing, FreeFlow at 1024²: step time, peak memory, throughput (JSON + markdown; capped at 4 min)
+python scripts/gpu_pipeline_distill.py --steps 300 --time-limit 240 --out "$OUT/pipeline_distill" \
+  > "$OUT/pipeline_distill.txt" 2>&1
 tail -n 3 "$OUT"/*.txt "$OUT"/*.md
