@@ -240,6 +240,9 @@ def couple_teacher(teacher: str | Path, root: str | Path, spec: Any, sample_shap
 def couple(cfg: JobConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Generate the couplings a reflow/InstaFlow job trains on: ``cfg.teacher`` (guided as
     ``cfg.guidance`` says) → ``cfg.distiller.couplings`` (``flowdistill couple``)."""
+    kind = job_kind(cfg)
+    if kind is not None and kind.couple is not None:  # a diffusers pipeline teacher
+        return kind.couple(cfg, resume=resume, overwrite=overwrite, progress=progress)
     spec, root = getattr(cfg.distiller, "couple", None), getattr(cfg.distiller, "couplings", None)
     if spec is None or not root:
         raise ConfigError(f"distiller {cfg.distiller.name!r} does not train on couplings; "
@@ -260,6 +263,7 @@ class JobKind:
     train: Callable[..., Path]
     load: Callable[..., Any]
     build: Callable[..., Any] | None = None
+    couple: Callable[..., Path] | None = None
 
 
 _JOB_KINDS: dict[str, JobKind] = {}
@@ -268,10 +272,11 @@ _BUILTIN_KINDS = {"diffusers": "flowdistill.integrations.diffusers.pipeline_job"
 
 
 def register_job_kind(name: str, train: Callable[..., Path], load: Callable[..., Any],
-                      build: Callable[..., Any] | None = None) -> None:
-    """Register the train/load functions of the job kind ``name`` (``"diffusers"``: a config whose
-    ``teacher`` is ``{diffusers: PATH, ...}``)."""
-    _JOB_KINDS[name] = JobKind(train, load, build)
+                      build: Callable[..., Any] | None = None,
+                      couple: Callable[..., Path] | None = None) -> None:
+    """Register the train/load (build, couple) functions of the job kind ``name`` (``"diffusers"``:
+    a config whose ``teacher`` is ``{diffusers: PATH, ...}``)."""
+    _JOB_KINDS[name] = JobKind(train, load, build, couple)
 
 
 def job_kind(cfg: JobConfig) -> JobKind | None:

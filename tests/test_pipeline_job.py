@@ -17,6 +17,7 @@ from flowdistill.api import load_run, train
 from flowdistill.cli import main
 from flowdistill.config import load_config
 from flowdistill.core.rng import StepRNG
+from flowdistill.core.timesteps import build_grid
 from flowdistill.errors import ConfigError
 from flowdistill.integrations.diffusers import DDPMUNetAdapter, FluxAdapter, SD3Adapter, calculate_shift
 from flowdistill.integrations.diffusers.adapters import TextCFGField
@@ -227,3 +228,54 @@ def test_flux_and_unet_chains(caches, tmp_path, kind):
     pipe = PIPES[kind].from_pretrained(pipe_dir)
     pipe.load_lora_weights(out / "student")  # the diffusers format of the original pipeline class
     shutil.rmtree(out)
+
+
+def test_reflow_couples_with_prompt_indices_and_trains(caches, tmp_path):
+    """`api.couple` on a pipeline teacher: pairs of (noise, guided teacher ODE solution) whose prompt
+    is stored as a cache index (the null index = the negative prompt); reflow trains a one-time LoRA
+    student on them and the run samples from prompt embeddings."""
+    from flowdistill.api import couple
+    from flowdistill.data.couplings import CouplingSource, CouplingStore
+    from flowdistill.integrations.diffusers.pipeline_job import PromptIndexed
+
+    pipe_dir, cache = caches["sd3"]
+    pairs_kw = ["n_pairs=4", "shard_size=4", "chunk_size=4", "solver=euler", "nfe=3", "uncond_share=0.5",
+                "cpu=true"]
+    over = _over(pipe_dir, cache, tmp_path / "run", "model.params.two_time=false", "train.steps=2",
+                 *[f"distiller.couple.{kv}" for kv in pairs_kw])
+    cfg_file = CONFIG.with_name("reflow_sd3.yaml")
+    root = couple(load_config(cfg_file, over), progress=False)
+    pairs = CouplingSource(CouplingStore(root)).get_many(torch.arange(4))
+    assert pairs["cond"].dtype == torch.int64 and int(pairs["cond"].max()) <= len(PROMPTS)
+    # a pair is the teacher's Euler solution for its prompt: re-solve one pair from its noise
+    job = build_pipeline_job(load_config(cfg_file, over))
+    field = job.distiller.teacher
+    assert isinstance(field, PromptIndexed)
+    x = pairs["noise"][:1]
+    grid = build_grid("shifted", 3)  # the config's couple.grid (SD3's shift 3)
+    with torch.no_grad():
+        for i in range(3):
+            x = x + (grid[i + 1] - grid[i]) * field(x, grid[i].expand(1), cond=pairs["cond"][:1])
+    torch.testing.assert_close(x, pairs["x"][:1], rtol=1e-4, atol=1e-5)
+    run = load_run(train(load_config(cfg_file, over)))
+    assert run.meta["two_time"] is False
+    assert (run.run_dir / "student" / "pytorch_lora_weights.safetensors").is_file()
+    lat = run.sample(2, 2, cond=encode_cache_rows(cache))
+    assert lat.shape == (2, 4, 16, 16) and torch.isfinite(lat).all()
+
+
+def test_bf16_teacher_trains_float32_adapters(caches, tmp_path):
+    """teacher.dtype=bfloat16: the frozen base weights are bf16, the LoRA adapters and the second time
+    embedding float32 (half-precision AdamW would round small updates away); one step is finite."""
+    pipe_dir, cache = caches["sd3"]
+    over = [o for o in _over(pipe_dir, cache, tmp_path / "run") if o != "teacher.dtype=float32"]
+    job = build_pipeline_job(load_config(CONFIG, over))
+    model = job.distiller.student.model
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    batch = job.distiller.prior_batch(StepRNG(0, 0), 2, job.latent_shape)
+    batch["cond"] = job.source.get_many(torch.arange(2))["cond"]
+    out = job.distiller.loss(batch, 0, "student", StepRNG(0, 0))
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert torch.isfinite(out["loss"]) and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -19,9 +19,10 @@ Students (``model.name``): ``diffusers_lora`` (peft LoRA on a copy of the denois
 trains); ``two_time`` adds the zero-initialised second time embedding
 (:func:`~.two_time.add_second_time`, ``u(x, t, s) = v(x, t)`` at step 0) for flow-map methods;
 ``gradient_checkpointing`` turns on diffusers' checkpointing. The weights' dtype is the teacher's
-(``teacher.dtype``). The run directory's format is :func:`export_pipeline_student` /
-:func:`load_pipeline_run`; the jobs layer reaches this module through
-:func:`flowdistill.api.register_job_kind` (``api.train`` / ``api.load_run`` on such a config).
+(``teacher.dtype``); a LoRA student's trainable weights (adapters, second time) are float32. The
+run directory's format is :func:`export_pipeline_student` / :func:`load_pipeline_run`; the jobs
+layer reaches this module through :func:`flowdistill.api.register_job_kind` (``api.train`` /
+``api.load_run`` on such a config).
 """
 
 from __future__ import annotations
@@ -355,6 +356,38 @@ def job_latent_shape(teacher: PipelineTeacher, cfg: JobConfig, store: Any = None
     return teacher.latent_shape(sample * teacher.vae_scale)
 
 
+class PromptIndexed(nn.Module):
+    """``net`` taking a prompt cache's row indices as its condition: a coupling store keeps the
+    prompt of each pair as an index (its class label; the null label ``len(store)`` is the negative
+    prompt, the unconditional branch), and this wrapper looks the embeddings up before calling
+    ``net(x, t, s, cond=...)``. A dict or :class:`~.adapters.TextCondition` condition passes as it is."""
+
+    def __init__(self, net: nn.Module, store: Any):
+        super().__init__()
+        self.net = net
+        self.__dict__["store"] = store  # out of the module tree (not a tensor container)
+
+    def lookup(self, idx: Tensor) -> dict[str, Tensor]:
+        """The embeddings of rows ``idx`` (``len(store)``: the negative prompt's)."""
+        n = len(self.store)
+        i = idx.detach().to("cpu", torch.long).reshape(-1)
+        if int(i.min()) < 0 or int(i.max()) > n:
+            raise IndexError(f"prompt index out of range [0, {n}]")
+        rows = self.store.get_many(i.clamp(max=n - 1))
+        null = i == n
+        if bool(null.any()):
+            neg = self.store.negative()
+            rows = {k: torch.where(null.reshape(-1, *[1] * (v.ndim - 1)), neg[k].to(v.dtype).expand_as(v), v)
+                    for k, v in rows.items()}
+        return {k: rows[k].to(idx.device) for k in _COND_KEYS if k in rows}
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, cond: Any = None, **kw: Any) -> Tensor:
+        """``net`` with index conditions replaced by the cached embeddings."""
+        if isinstance(cond, Tensor) and not cond.is_floating_point():
+            cond = self.lookup(cond)
+        return self.net(x, t, s, cond=cond, **kw)
+
+
 # -- the student ------------------------------------------------------------------------------
 def student_params(cfg: JobConfig, two_time_method: bool) -> dict[str, Any]:
     """``model.params`` with defaults; unknown keys and a student the method cannot train are errors."""
@@ -401,8 +434,21 @@ def build_student(teacher: PipelineTeacher, cfg: JobConfig, params: dict[str, An
     if params["two_time"]:
         from flowdistill.integrations.diffusers.two_time import add_second_time
 
-        return add_second_time(model, float(params["delta_time_scale"]), **kw)
-    return adapt_teacher(model, **kw)
+        student = add_second_time(model, float(params["delta_time_scale"]), **kw)
+    else:
+        student = adapt_teacher(model, **kw)
+    if cfg.model.name == "diffusers_lora":
+        _float32_trainables(model)
+    return student
+
+
+def _float32_trainables(model: nn.Module) -> None:
+    """LoRA adapters and the second time embedding train in float32 over bf16/fp16 base weights
+    (diffusers' training scripts' ``cast_training_params``): AdamW steps on half-precision weights
+    round small updates away. peft and the second-time hook cast activations at the boundary."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
 
 
 def denoiser_of(student: nn.Module) -> nn.Module:
@@ -475,10 +521,15 @@ def build_pipeline_job(cfg: JobConfig, with_teacher: bool = True) -> PipelineJob
     distilled_flux = teacher.class_name == "FluxTransformer2DModel" and teacher.model.config.guidance_embeds
     student = build_student(teacher, cfg, params, cfg.guidance.scale if distilled_flux else None)
     student = _wrap_segment_student(cls, student, cfg)
+    coupled = hasattr(cfg.distiller, "couplings")
+    if coupled and source is not None:  # pairs carry their prompt as an index into the cache
+        student = PromptIndexed(student, source.store)
     field_ = None
     if with_teacher:
         negative = source.store.negative() if source is not None and cfg.guidance.scale != 1.0 else None
         field_ = _teacher_field(teacher, cfg, negative)
+        if coupled:
+            field_ = PromptIndexed(field_, source.store)
         distiller = cls(cfg.distiller, student, field_)
     else:
         distiller = cls.for_inference(cfg.distiller, student)
@@ -560,6 +611,31 @@ def train_pipeline(cfg: JobConfig, resume: bool = False, overwrite: bool = False
         export_pipeline_student(student, run_dir, job, trainer.step)
     trainer.acc.wait_for_everyone()
     return run_dir
+
+
+def couple_pipeline(cfg: JobConfig, resume: bool = False, overwrite: bool = False,
+                    progress: bool = True) -> Path:
+    """:func:`flowdistill.api.couple` for a diffusers teacher: ``distiller.couple.n_pairs`` pairs
+    (noise, the guided teacher's ODE solution) with the prompt of each pair drawn from the prompt
+    cache (``data.root``) and stored as its index (``distiller.couple.uncond_share`` of them the
+    negative prompt), written to ``distiller.couplings``; reflow / InstaFlow then train on them."""
+    from flowdistill.data.coupling_generation import generate_couplings
+    from flowdistill.data.couplings import state_sha256
+
+    spec, root = getattr(cfg.distiller, "couple", None), getattr(cfg.distiller, "couplings", None)
+    if spec is None or not root:
+        raise ConfigError(f"distiller {cfg.distiller.name!r} does not train on couplings; "
+                          f"`flowdistill couple` needs distiller.name=reflow or instaflow")
+    if cfg.data.name != "prompts":
+        raise ConfigError("data.name: couplings of a diffusers teacher draw their prompts from a prompt "
+                          "cache (data.name=prompts, data.root=CACHE)")
+    job = build_pipeline_job(cfg)
+    field_ = job.distiller.teacher
+    identity = {"teacher": job.teacher.root, "teacher_sha256": "",
+                "teacher_state_sha256": state_sha256(field_),
+                "guidance": cfg.guidance.header()}
+    return generate_couplings(field_, root, spec, job.latent_shape, len(job.source.store), identity,
+                              resume=resume, overwrite=overwrite, progress=progress)
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -655,4 +731,4 @@ def _load_lora_into(model: nn.Module, sdir: Path) -> None:
 
 
 register_job_kind("diffusers", train=train_pipeline, load=load_pipeline_run,
-                  build=partial(build_pipeline_job, with_teacher=True))
+                  build=partial(build_pipeline_job, with_teacher=True), couple=couple_pipeline)
