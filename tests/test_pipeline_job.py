@@ -279,3 +279,37 @@ def test_bf16_teacher_trains_float32_adapters(caches, tmp_path):
     out["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert torch.isfinite(out["loss"]) and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_lcm_one_time_lora_on_a_latent_cache(caches, tmp_path):
+    """A data-based method on the latent cache (``data.name=latents``: VAE latents + caption
+    embeddings): LCM's one-time LoRA student (a segment student, k = 1) trains two steps, exports in
+    the LoRA format with the scheduler of its segment edges (γ = 1), and samples."""
+    import numpy as np
+    from PIL import Image
+
+    from flowdistill.integrations.diffusers.latent_cache import encode_image_folder
+
+    pipe_dir, _ = caches["sd3"]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(PROMPTS):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir)
+    lat_cache = encode_image_folder(pipe, folder, tmp_path / "lat", resolution=32, batch_size=2,
+                                    progress=False)
+    over = _over(pipe_dir, lat_cache, tmp_path / "run", "data.name=latents", "distiller.name=lcm",
+                 "distiller.num_steps=8", "train.steps=2")
+    cfg_file = CONFIG.with_name("lcm_sd3.yaml")
+    job = build_pipeline_job(load_config(cfg_file, over))
+    assert job.cfg.distiller.shift == 3.0  # the teacher grid takes the pipeline's shift
+    batch = job.source.get_many(torch.arange(2))
+    assert batch["x"].shape == (2, 4, 16, 16)
+    assert set(batch["cond"]) == {"prompt_embeds", "pooled_prompt_embeds"}
+    run = load_run(train(load_config(cfg_file, over)))
+    assert run.scheduler_config["gamma"] == 1.0 and run.scheduler_config["shift"] == 3.0
+    assert run.meta["two_time"] is False and type(run.student).__name__ == "OneTimeSegmentStudent"
+    lat = run.sample(2, 2, cond=encode_cache_rows(caches["sd3"][1]))
+    assert lat.shape == (2, 4, 16, 16) and torch.isfinite(lat).all()

@@ -402,7 +402,8 @@ def student_params(cfg: JobConfig, two_time_method: bool) -> dict[str, Any]:
     p = {**STUDENT_PARAMS, **given}
     if p["two_time"] is None:
         p["two_time"] = two_time_method
-    if bool(p["two_time"]) != two_time_method:
+    segmented = hasattr(cfg.distiller, "trained_segments")  # TSCD/LCM/PCM: one-time via segment_student
+    if bool(p["two_time"]) != two_time_method and not (segmented and not p["two_time"]):
         need = "a two-time (flow-map)" if two_time_method else "a one-time"
         raise ConfigError(f"model.params.two_time={p['two_time']}: distiller {cfg.distiller.name!r} trains "
                           f"{need} student")
@@ -482,10 +483,10 @@ class PipelineJob:
         return self.teacher.time_shift(self.latent_shape)
 
 
-def _wrap_segment_student(cls: type[Distiller], student: nn.Module, cfg: JobConfig) -> nn.Module:
-    """TSCD-family methods read a one-time student as jumps to its segment's edge
-    (:mod:`.segment_student`)."""
-    if cls.student_two_time or not hasattr(cfg.distiller, "trained_segments"):
+def _wrap_segment_student(student: nn.Module, cfg: JobConfig, two_time: bool) -> nn.Module:
+    """TSCD-family methods read a one-time student (``model.params.two_time=false``: a plain LoRA,
+    as LCM/PCM ship) as jumps to its segment's edge (:mod:`.segment_student`)."""
+    if two_time or not hasattr(cfg.distiller, "trained_segments"):
         return student
     from flowdistill.integrations.diffusers.segment_student import one_time_student
 
@@ -520,7 +521,7 @@ def build_pipeline_job(cfg: JobConfig, with_teacher: bool = True) -> PipelineJob
     source = build_source(cfg, shape, store) if with_teacher else None
     distilled_flux = teacher.class_name == "FluxTransformer2DModel" and teacher.model.config.guidance_embeds
     student = build_student(teacher, cfg, params, cfg.guidance.scale if distilled_flux else None)
-    student = _wrap_segment_student(cls, student, cfg)
+    student = _wrap_segment_student(student, cfg, bool(params["two_time"]))
     coupled = hasattr(cfg.distiller, "couplings")
     if coupled and source is not None:  # pairs carry their prompt as an index into the cache
         student = PromptIndexed(student, source.store)
