@@ -191,7 +191,7 @@ def _grid(x, path: Path) -> None:
 
 def _pipeline_student(run_dir: str) -> Path | None:
     """The student directory of a diffusers pipeline run (or of its export), else ``None``."""
-    from flowdistill.integrations.diffusers.render import student_dir_of
+    from flowdistill.integrations.student_dir import student_dir_of  # no torch / diffusers import
 
     return student_dir_of(run_dir)
 

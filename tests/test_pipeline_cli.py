@@ -46,6 +46,21 @@ def _distill(pipe_dir: Path, tmp: Path, steps: int = 3) -> tuple[Path, Path]:
     return run, cache
 
 
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, request):
+    """``distilled(kind) -> (run, cache)``: embed + distil on the tiny ``kind`` pipeline, once per module."""
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(kind: str) -> tuple[Path, Path]:
+        """The run of ``kind`` (made on first use)."""
+        if kind not in done:
+            pipe_dir = Path(request.getfixturevalue(f"{kind}_pipeline_dir"))
+            done[kind] = _distill(pipe_dir, tmp_path_factory.mktemp(f"chain_{kind}"))
+        return done[kind]
+
+    return get
+
+
 def _swap_in(kind: str, pipe_dir: Path, export: Path):
     """What the model card tells a user to do: the original pipeline class, ``load_lora_weights``, the
     exported scheduler, the second time embedding driven by the scheduler."""
@@ -67,12 +82,12 @@ def _swap_in(kind: str, pipe_dir: Path, export: Path):
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux", "unet"])
-def test_cli_chain_embed_distill_export_load_sample(kind, request, tmp_path):
+def test_cli_chain_embed_distill_export_load_sample(kind, request, tmp_path, distilled):
     from flowdistill.api import load_run
     from flowdistill.integrations.diffusers.prompt_cache import PromptEmbeddingStore
 
     pipe_dir = Path(request.getfixturevalue(f"{kind}_pipeline_dir"))
-    run_dir, cache = _distill(pipe_dir, tmp_path)
+    run_dir, cache = distilled(kind)
     export = tmp_path / "export"
     assert main(["export", str(run_dir), str(export)]) == 0
     files = sorted(p.name for p in export.iterdir())
@@ -155,7 +170,7 @@ def test_clip_score_without_transformers_names_the_extra(monkeypatch):
         load_clip("anything")
 
 
-def test_eval_of_a_pipeline_run(sd3_pipeline_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_eval_of_a_pipeline_run(distilled, tmp_path, monkeypatch, capsys):
     """``flowdistill eval RUN --reference FOLDER --inception-weights W --clip-model C``: a table with
     FID/KID/CLIP per NFE (Inception with random weights at its smallest input size: fast, offline)."""
     from safetensors.torch import save_file
@@ -166,7 +181,7 @@ def test_eval_of_a_pipeline_run(sd3_pipeline_dir, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(inception.SafeInceptionV3, "INPUT_IMAGE_SIZE", 75)
     weights = tmp_path / "incep.safetensors"
     save_file(_random_inception_state(), str(weights))
-    run_dir, _ = _distill(Path(sd3_pipeline_dir), tmp_path, steps=1)
+    run_dir, _ = distilled("sd3")
     ref = tmp_path / "ref"
     ref.mkdir()
     g = torch.Generator().manual_seed(0)

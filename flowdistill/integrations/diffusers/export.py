@@ -336,7 +336,8 @@ def export_pipeline_run(run_dir: str | Path, out_dir: str | Path, overwrite: boo
         pipe.scheduler.save_config(str(tmp))
         info = {**meta, "pipeline": str(Path(meta["pipeline"]).resolve()), "pipeline_class": pipe_cls,
                 "scheduler_class": type(pipe.scheduler).__name__,
-                "pipeline_kwargs": guidance, "run_dir": str(Path(run_dir).resolve()),
+                "pipeline_kwargs": guidance, "image_size": list(render.run_image_size(pipe, src)),
+                "run_dir": str(Path(run_dir).resolve()),
                 "max_abs_diff_vs_run_sampler": diff}
         (tmp / "flowdistill.json").write_text(json.dumps(info, indent=2))
         (tmp / "README.md").write_text(pipeline_model_card(info, out.name, diff))
@@ -355,7 +356,10 @@ def pipeline_model_card(info: dict, name: str, diff: float | None) -> str:
     sched_mod = "vp_scheduler" if sched_cls == "FlowDistillVPScheduler" else "scheduler"
     two_time = bool(info.get("two_time"))
     lora = info.get("student", "diffusers_lora") == "diffusers_lora"
-    kw = ", ".join(f"{k}={v!r}" for k, v in (info.get("pipeline_kwargs") or {}).items())
+    call = dict(info.get("pipeline_kwargs") or {})
+    if info.get("image_size"):  # the size the student was distilled at
+        call["height"], call["width"] = (int(v) for v in info["image_size"])
+    kw = ", ".join(f"{k}={v!r}" for k, v in call.items())
     sub = info.get("subfolder", "transformer")
     load = (f'pipe.load_lora_weights("{name}")' if lora else
             f'pipe.register_modules({sub}=type(pipe.{sub}).from_pretrained("{name}/{sub}"))')

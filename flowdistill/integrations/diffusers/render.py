@@ -33,6 +33,11 @@ from torch import Tensor
 
 from flowdistill.errors import ConfigError
 from flowdistill.integrations.diffusers.adapters import pack_latents, unpack_latents
+from flowdistill.integrations.student_dir import (  # noqa: F401  (STUDENT_FORMAT re-exported)
+    STUDENT_FORMAT,
+    read_student_meta,
+    student_dir_of,
+)
 
 #: pipeline class name -> kind (how latents are laid out and guidance is passed)
 PIPELINE_KINDS = {
@@ -114,34 +119,8 @@ def guidance_kwargs(pipe: Any, scale: float = 1.0, flux_guidance: float | None =
     return {"guidance_scale": w}
 
 
-#: ``flowdistill.json`` ``format`` of a pipeline run's ``student/`` directory (and of an export of it)
-STUDENT_FORMAT = "flowdistill-pipeline-student-v1"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SECOND_TIME_WEIGHTS = "second_time.safetensors"
-
-
-def student_dir_of(run_dir: str | Path) -> Path | None:
-    """The directory holding a pipeline student: ``RUN/student`` of a pipeline run, or ``RUN`` itself
-    when it is such a directory (a run's ``student/`` or a ``flowdistill export`` of it); ``None``
-    for any other run."""
-    import json
-
-    for d in (Path(run_dir) / "student", Path(run_dir)):
-        f = d / "flowdistill.json"
-        if f.is_file():
-            try:
-                meta = json.loads(f.read_text())
-            except ValueError:
-                return None
-            return d if isinstance(meta, dict) and meta.get("format") == STUDENT_FORMAT else None
-    return None
-
-
-def read_student_meta(student_dir: str | Path) -> dict[str, Any]:
-    """The ``flowdistill.json`` of a pipeline student directory."""
-    import json
-
-    return json.loads((Path(student_dir) / "flowdistill.json").read_text())
 
 
 def scheduler_for(pipe: Any, keys: Mapping[str, Any]) -> Any:
