@@ -11,9 +11,10 @@ each step) and 1024² latents (``--resolution``).
 finite-difference ``∂_s u`` + correction, multi-start on) constructed standalone: per step
 ``fake_repeats = 2`` updates of the fake-velocity net ψ and one of the student. ψ is a LoRA of its
 own bf16 copy of the base (``--fake lora``) or the distiller's own full trainable copy
-(``--fake full``). ``--method regress`` is plain velocity regression of the student onto the
-frozen teacher's jump, ``‖u(x_t, t, s) − sg (X_T(x_t, t, s) − x_t)/(s − t)‖²`` with ``X_T`` two
-Euler steps of the teacher and ``x_t`` on the path of random "data" latents (one graph per step).
+(``--fake full``: bf16 weights, AdamW on them as they are). ``--method regress`` is plain velocity
+regression of the student onto the frozen teacher's jump,
+``‖u(x_t, t, s) − sg (X_T(x_t, t, s) − x_t)/(s − t)‖²`` with ``X_T`` two Euler steps of the
+teacher and ``x_t`` on the path of random "data" latents (one graph per step).
 
 Reports the mean and median step time after ``--warmup`` steps, samples per second, the peak CUDA
 memory (allocated and reserved) and the first/last losses as JSON and markdown in ``--out``.

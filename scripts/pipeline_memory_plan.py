@@ -9,8 +9,8 @@ tensor is attributed to the block running at the time, de-duplicated by storage,
 excluded. Attention is accounted as flash / memory-efficient attention saves it on a GPU (q, k, v,
 the output and the float32 row log-sum-exp; no N×N matrix): meta tensors would otherwise take the
 math path. ``--validate`` checks the meta accounting against a real float32 CPU run of one
-full-width SD3 block at a small sequence (CPU SDPA is a flash kernel too): the byte counts must
-agree.
+full-width block of each kind (SD3 joint, Flux double- and single-stream) at a small sequence (CPU
+SDPA is a flash kernel too): the byte counts must agree.
 
 Per-setting memory (bytes per parameter): frozen bf16 weights 2; a trained parameter 16 (LoRA:
 fp32 weight 4 + fp32 grad 4 + Adam m, v 8; full fine-tune in bf16 with an fp32 master copy: bf16
@@ -226,23 +226,53 @@ def measure(name: str, mode: str, batch: int) -> dict:
             "ckpt": meter.bytes["outside"] + sum(inputs) + max(internal)}
 
 
-def validate_against_cpu(n_img: int = 64, n_txt: int = 32, heads: int = SD3_MEDIUM["num_attention_heads"],
-                         head_dim: int = SD3_MEDIUM["attention_head_dim"]) -> tuple[int, int]:
-    """Saved bytes of one SD3 block (full SD3-medium width by default), float32, sequence
+# block kind -> (heads, head_dim) of the full-width model it comes from
+VALIDATE_KINDS = {"sd3": (SD3_MEDIUM["num_attention_heads"], SD3_MEDIUM["attention_head_dim"]),
+                  "flux_double": (FLUX_DEV["num_attention_heads"], FLUX_DEV["attention_head_dim"]),
+                  "flux_single": (FLUX_DEV["num_attention_heads"], FLUX_DEV["attention_head_dim"])}
+
+
+def _rope_axes(head_dim: int) -> list[int]:
+    """Flux's rotary axes for ``head_dim`` (``[16, 56, 56]`` at 128: an eighth, then halves of the rest)."""
+    a = head_dim // 16 * 2
+    b = (head_dim - a) // 4 * 2
+    return [a, b, head_dim - a - b]
+
+
+def validate_against_cpu(kind: str = "sd3", n_img: int = 64, n_txt: int = 32, heads: int | None = None,
+                         head_dim: int | None = None) -> tuple[int, int]:
+    """Saved bytes of one block (``kind``: ``sd3``, ``flux_double``, ``flux_single``; full width of
+    SD3-medium / Flux-dev unless ``heads``/``head_dim`` say otherwise), float32, sequence
     ``n_img + n_txt``: a real CPU forward (CPU SDPA = flash kernel) vs the meta accounting.
     Returns (cpu, meta)."""
     from diffusers.models.attention import JointTransformerBlock
+    from diffusers.models.transformers.transformer_flux import (
+        FluxPosEmbed,
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
 
+    h0, hd0 = VALIDATE_KINDS[kind]
+    heads, head_dim = heads or h0, head_dim or hd0
     d = heads * head_dim
     counts = []
     for device in ("cpu", "meta"):
         torch.manual_seed(0)
+        kw = {}
         with torch.device(device):
-            blk = JointTransformerBlock(dim=d, num_attention_heads=heads, attention_head_dim=head_dim)
+            if kind == "sd3":
+                blk = JointTransformerBlock(dim=d, num_attention_heads=heads, attention_head_dim=head_dim)
+            else:
+                cls = FluxTransformerBlock if kind == "flux_double" else FluxSingleTransformerBlock
+                blk = cls(dim=d, num_attention_heads=heads, attention_head_dim=head_dim)
             x, c, temb = torch.randn(1, n_img, d), torch.randn(1, n_txt, d), torch.randn(1, d)
+        if kind != "sd3":
+            ids = torch.cat([torch.zeros(n_txt, 3), torch.arange(n_img)[:, None].repeat(1, 3).float()])
+            rope = FluxPosEmbed(10000, _rope_axes(head_dim))(ids)
+            kw["image_rotary_emb"] = tuple(r.to(device) for r in rope)
         meter = SavedTensorMeter(blk, [])
         with flash_accounting(), torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
-            out = blk(x, c, temb)
+            out = blk(x, c, temb, **kw)
         assert out[1].requires_grad
         counts.append(meter.bytes["outside"])
     return counts[0], counts[1]
@@ -304,10 +334,10 @@ def markdown(results: dict, gpu_gib: float, reserve_gib: float, command: str, va
            "one; see the script's docstring). With gradient checkpointing the activations are each block's "
            "inputs + one block recomputed + the non-block layers.", ""]
     if validation is not None:
-        cpu, meta = validation
-        out += [f"Check of the accounting: one full-width SD3 block (float32, 64 + 32 tokens) saves "
-                f"{cpu / 2**20:.2f} MiB on a real CPU forward and {meta / 2**20:.2f} MiB on meta "
-                f"({'equal' if cpu == meta else 'DIFFERENT'}).", ""]
+        parts = [f"{kind} {cpu / 2**20:.2f} / {meta / 2**20:.2f} MiB "
+                 f"({'equal' if cpu == meta else 'DIFFERENT'})" for kind, (cpu, meta) in validation.items()]
+        out += ["Check of the accounting: one full-width block of each kind (float32, 64 + 32 tokens), bytes "
+                "saved on a real CPU forward / on meta: " + "; ".join(parts) + ".", ""]
     out += ["| model | parameters | LoRA r16 | LoRA r64 | second time embedding |", "|---|---|---|---|---|"]
     for name, r in results.items():
         c = r["counts"]
@@ -372,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
     t0 = time.time()
-    validation = validate_against_cpu() if args.validate else None
+    validation = {k: validate_against_cpu(k) for k in VALIDATE_KINDS} if args.validate else None
     results = {}
     for name in args.models.split(","):
         if name not in MODELS:
@@ -390,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     "acts": {f"{m}_b{b}": {k: v for k, v in a.items() if k in ("ckpt", "no_ckpt", "outside")}
                              for (m, b), a in r["acts"].items()}} for n, r in results.items()}
         if validation is not None:
-            blob["validation_bytes"] = {"cpu": validation[0], "meta": validation[1]}
+            blob["validation_bytes"] = {k: {"cpu": c, "meta": m} for k, (c, m) in validation.items()}
         Path(args.json).write_text(json.dumps(blob, indent=1))
     return 0
 

@@ -23,10 +23,11 @@ def _load(name: str):
     return mod
 
 
-def test_meta_accounting_equals_a_real_cpu_forward():
-    """Saved-for-backward bytes of one SD3 block: real float32 CPU tensors vs meta tensors (exact)."""
+@pytest.mark.parametrize("kind", ["sd3", "flux_double", "flux_single"])
+def test_meta_accounting_equals_a_real_cpu_forward(kind):
+    """Saved-for-backward bytes of one block: real float32 CPU tensors vs meta tensors (exact)."""
     plan = _load("pipeline_memory_plan")
-    cpu, meta = plan.validate_against_cpu(n_img=16, n_txt=8, heads=4, head_dim=16)
+    cpu, meta = plan.validate_against_cpu(kind, n_img=16, n_txt=8, heads=4, head_dim=16)
     assert cpu > 0 and cpu == meta
 
 
