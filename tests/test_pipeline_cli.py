@@ -122,6 +122,43 @@ def test_cli_chain_embed_distill_export_load_sample(kind, request, tmp_path, dis
     assert grid.size[0] > grid.size[1]  # three NFE columns beside the label column, two prompt rows
 
 
+def test_lcm_one_time_student_from_a_latent_cache(sd3_pipeline_dir, tmp_path):  # noqa: F811
+    """LCM (a one-time LoRA read as jumps to 0, γ = 1 re-noising between steps) on a latent cache of
+    an image-caption folder: the export reproduces the run's sampler through the SD3 pipeline and its
+    FlowDistillScheduler (segment_steps, gamma) at 1, 2 and 4 steps."""
+    from flowdistill.api import load_run
+    from flowdistill.integrations.diffusers.prompt_cache import LatentStore
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, caption in enumerate(PROMPTS):
+        pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(imgs / f"i{i}.png")
+        (imgs / f"i{i}.txt").write_text(caption)
+    lat, run_dir, export = tmp_path / "lat", tmp_path / "run", tmp_path / "exp"
+    assert main(["embed", str(sd3_pipeline_dir), "--images", str(imgs), "--out", str(lat),
+                 "--resolution", "32", "--batch-size", "2"]) == 0
+    over = [f"out_dir={run_dir}", f"teacher.diffusers={sd3_pipeline_dir}", "teacher.dtype=float32",
+            f"data.root={lat}", "data.image_size=32", "model.params.rank=4",
+            "model.params.gradient_checkpointing=false", "train.steps=2", "train.batch_size=2",
+            "train.ckpt_every=0", "train.trackers=none", "train.cpu=true", "train.lr=1e-2"]
+    assert main(["distill", str(CONFIG.parent / "lcm_sd3.yaml"), *over]) == 0
+    assert main(["export", str(run_dir), str(export)]) == 0
+    info = json.loads((export / "flowdistill.json").read_text())
+    assert info["scheduler"]["gamma"] == 1.0 and not info["two_time"]
+    assert info["max_abs_diff_vs_run_sampler"] <= 1e-5
+    pipe = render.load_run_pipeline(export)
+    run = load_run(run_dir)
+    got = LatentStore(lat).get_many(torch.arange(2))
+    cond = {k: got[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    for nfe in (1, 2, 4):
+        want = run.sample(2, nfe, seed=3, cond=cond)
+        out = render.generate(pipe, nfe, render.draw_noise(want.shape[1:], 2, seed=3), embeds=cond,
+                              guidance=render.run_guidance(pipe, export))
+        assert (out - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), nfe
+
+
 def _tiny_clip(path: Path) -> Path:
     """A random tiny CLIP model + processor saved offline (the fixtures' tokenizer, 32 px images)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor

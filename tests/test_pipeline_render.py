@@ -158,6 +158,34 @@ def test_two_time_student_jumps_inside_the_pipeline(request, tmp_path):
         assert (one_time - want).abs().max().item() > 1e-3  # s really reaches the model
 
 
+def test_full_student_directory_replaces_the_denoiser(request, tmp_path):
+    """A full (non-LoRA) student saved as ``transformer/`` beside the scheduler config replaces the
+    pipeline's denoiser; the pipeline then samples as our sampler on that transformer."""
+    from diffusers import DiffusionPipeline
+
+    from flowdistill.integrations.diffusers.scheduler import FlowDistillScheduler
+
+    sd3_dir = request.getfixturevalue("sd3_pipeline_dir")
+    pipe = DiffusionPipeline.from_pretrained(str(sd3_dir), local_files_only=True)
+    net = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    net.save_pretrained(tmp_path / "student" / "transformer")
+    FlowDistillScheduler(shift=3.0).save_config(str(tmp_path / "student"))
+    native = render.load_student_pipeline(sd3_dir, tmp_path / "student")
+    cond = TextCondition(**_embeds(native, PROMPTS))
+    noise = render.draw_noise((4, 16, 16), 2, seed=4)
+    got = render.generate(native, 2, noise, prompts=PROMPTS)
+    with torch.no_grad():
+        want = solve(_adapter(native, net), noise, build_grid("shifted", 2, shift=3.0), "euler", cond=cond).x
+        teacher = render.load_student_pipeline(sd3_dir, None, scheduler_config={"shift": 3.0})
+        plain = render.generate(teacher, 2, noise, prompts=PROMPTS)
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert (plain - want).abs().max().item() > 1e-3  # the saved weights replaced the teacher's
+
+
 def test_render_prompts_writes_pngs_and_a_labelled_grid(request, tmp_path):
     """Every prompt at every NFE from one seeded noise: PNGs per NFE, a grid with a label column and a
     header row; the same seed gives the same images, another seed others."""

@@ -247,17 +247,18 @@ imports the class from flowdistill). `flowdistill.integrations.diffusers.FlowDis
 
 
 def _cache_condition(cfg, k: int):
-    """``k`` prompts' embeddings from the run's prompt cache (``data.root``), or ``None`` when the cache
-    is not readable here (the export's self-check is then skipped)."""
+    """``k`` prompts' embeddings from the run's prompt (or latent) cache ``data.root``, or ``None`` when
+    the cache is not readable here (the export's self-check is then skipped)."""
     import torch
 
     try:
-        from flowdistill.integrations.diffusers.prompt_cache import PromptEmbeddingStore
+        from flowdistill.integrations.diffusers.prompt_cache import LatentStore, PromptEmbeddingStore
 
-        store = PromptEmbeddingStore(str(cfg.data.root))
+        store = (LatentStore if cfg.data.name == "latents" else PromptEmbeddingStore)(str(cfg.data.root))
         idx = torch.arange(min(k, len(store)))
-        return store.get_many(idx), [store.prompts[i] for i in idx.tolist()]
-    except (OSError, ValueError, KeyError, ImportError):
+        got = store.get_many(idx)
+        return {key: got[key] for key in ("prompt_embeds", "pooled_prompt_embeds") if key in got}
+    except (OSError, ValueError, KeyError, ImportError, FlowDistillError):
         return None
 
 
@@ -271,10 +272,9 @@ def verify_pipeline_run(run_dir: str | Path, student_dir: str | Path, nfes: tupl
     from flowdistill.integrations.diffusers import render
 
     run = load_run(run_dir)
-    got = _cache_condition(run.cfg, k)
-    if got is None:
+    cond = _cache_condition(run.cfg, k)
+    if cond is None:
         return None
-    cond, _ = got
     n = next(iter(cond.values())).shape[0]
     sdir = Path(student_dir)
     pipe = render.load_student_pipeline(render.read_student_meta(sdir)["pipeline"], sdir,
