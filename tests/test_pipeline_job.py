@@ -343,3 +343,22 @@ def test_two_processes_train_like_one(caches, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         outs[nproc] = load_file(out / "student" / "pytorch_lora_weights.safetensors")
     assert max((outs[1][k] - outs[2][k]).abs().max().item() for k in outs[1]) < 1e-5
+
+
+def test_full_fine_tune_student_exports_the_denoiser(caches, tmp_path):
+    """``model.name=diffusers_full``: every weight trains; the export is the whole denoiser
+    (``student/transformer``, loadable by diffusers) plus the second time weights, and ``load_run``
+    rebuilds exactly the saved weights."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe_dir, cache = caches["sd3"]
+    out = train(load_config(CONFIG, _over(pipe_dir, cache, tmp_path / "run", "model.name=diffusers_full",
+                                          "train.steps=2")))
+    saved = SD3Transformer2DModel.from_pretrained(out / "student" / "transformer").state_dict()
+    teacher = SD3Transformer2DModel.from_pretrained(pipe_dir, subfolder="transformer").state_dict()
+    run = load_run(out)
+    mine = run.denoiser.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in saved.items())
+    assert any(not torch.equal(teacher[k], v) for k, v in saved.items())  # it trained
+    assert sorted(p.name for p in (out / "student").iterdir()) == [
+        "flowdistill.json", "scheduler_config.json", "second_time.safetensors", "transformer"]

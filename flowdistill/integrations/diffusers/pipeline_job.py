@@ -12,7 +12,10 @@ resolution-dependent ``μ`` at the run's latent size, ``shift = e^μ``), and the
 Batches come from the prompt-embedding cache (``data: {name: prompts, root: CACHE}``: condition-only
 items, the loop adds the prior noise of the latent shape for data-free methods) or the latent cache
 (``data.name=latents``: ``x`` and ``cond``). The latent shape is the VAE's downsampling of
-``data.image_size`` (pixels) with the denoiser's channels (Flux: unpacked, ``in_channels/4``).
+``data.image_size`` pixels with the denoiser's channels (Flux: unpacked, ``in_channels/4``);
+``data.image_size=0`` takes the shape the cache recorded (:func:`job_latent_shape`). Reflow and
+InstaFlow train on couplings the guided teacher generates (:func:`couple_pipeline`): each pair keeps
+its prompt as an index into the cache, and :class:`PromptIndexed` looks the embeddings up.
 
 Students (``model.name``): ``diffusers_lora`` (peft LoRA on a copy of the denoiser,
 ``model.params.{rank, alpha, target_modules}``) or ``diffusers_full`` (every weight of the copy
