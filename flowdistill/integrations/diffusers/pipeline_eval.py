@@ -102,7 +102,7 @@ def evaluate_pipeline_run(run_dir: str | Path, out_dir: str | Path, *, reference
     for nfe in nfes:
         x = _images(pipe, flat, int(nfe), noise, guidance, batch_size, h, w)
         m = compute_fid(x, str(ref), feature_extractor="inception", inception_weights=weights, seed=seed,
-                        cache_dir=out / "fid_cache")
+                        cache_dir=out / "fid_cache", cuda=str(device).startswith("cuda"))
         row = {"model": label, "nfe": int(nfe), "fid": m["fid"], "kid_mean": m["kid_mean"],
                "kid_std": m["kid_std"], "clip_score": float("nan"), "n": m["n"], "n_ref": m["n_ref"]}
         if clip is not None:

@@ -1,22 +1,27 @@
 """Pipeline-native rendering of a distilled diffusers student: the user's own pipeline class, the
-run's LoRA weights loaded with ``pipe.load_lora_weights``, a :class:`FlowDistillScheduler` swapped
-in with ``from_config``, VAE decode, PNGs and a labelled grid (rows = prompts, columns = NFE).
+run's LoRA weights loaded with ``pipe.load_lora_weights`` (or a full student's denoiser), the
+student's scheduler swapped in (``FlowDistillScheduler``; for DDPM-UNet pipelines
+:class:`~.vp_scheduler.FlowDistillVPScheduler`), a two-time student's second time embedding driven
+by the scheduler (:func:`follow_scheduler_time`), VAE decode, PNGs and a labelled grid (rows =
+prompts, columns = NFE).
 
 Noise: one draw ``ε ~ N(0, I)`` of the *unpacked* latent shape ``[P·m, C, h, w]`` (``P`` prompts,
 ``m`` images each) from ``torch.Generator().manual_seed(seed)``, reused at every NFE, so the columns
 of the grid differ only by the number of steps. It is handed to the pipeline as ``latents=`` (packed
 into 2×2 patches for Flux, :func:`~flowdistill.integrations.diffusers.adapters.pack_latents`), so
-the pipeline's first state is ``x_1 = ε`` exactly as the run's own sampler starts.
+the pipeline's first state is ``x_1 = ε`` exactly as the run's own sampler starts (the same draw as
+``load_run(RUN).sample(n, nfe, seed)``).
 
 Each pipeline step is then ``x_s = x_t + (s − t)·u`` (the scheduler's step) with ``u`` the
-student's output at the scheduler's level ``t`` — the same update the run's own Euler / jump sampler
-takes on the same grid, so ``output_type="latent"`` equals the run's latents to float tolerance
-(the tests check this).
+student's output at the scheduler's level ``t`` (and target ``s`` for two-time students) — the same
+update the run's own Euler / jump sampler takes on the same grid, so ``output_type="latent"`` equals
+the run's latents to float tolerance (tests/test_pipeline_render.py, tests/test_pipeline_cli.py).
 
-Guidance (:func:`guidance_kwargs`): a job's CFG scale ``w`` with the empty negative prompt is the
-pipeline's own CFG — ``guidance_scale=w`` for SD3 / SD (``w ≤ 1``: off), ``true_cfg_scale=w``
-with ``negative_prompt=""`` for Flux, whose ``guidance_scale`` is the distilled-guidance embedding
-(the Flux adapter's ``guidance_scale``).
+Guidance: a student distilled from a guided teacher samples without CFG (:func:`run_guidance`:
+``guidance_scale=1``; a guidance-distilled Flux gets the run's ``guidance.scale`` as its embedded
+guidance). :func:`guidance_kwargs` maps a CFG scale ``w`` with the empty negative prompt to each
+pipeline's own arguments — ``guidance_scale=w`` for SD3 / SD (``w ≤ 1``: off), ``true_cfg_scale=w``
+with ``negative_prompt=""`` for Flux, whose ``guidance_scale`` is the distilled-guidance embedding.
 """
 
 from __future__ import annotations
