@@ -281,25 +281,30 @@ def test_bf16_teacher_trains_float32_adapters(caches, tmp_path):
     assert torch.isfinite(out["loss"]) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_lcm_one_time_lora_on_a_latent_cache(caches, tmp_path):
-    """A data-based method on the latent cache (``data.name=latents``: VAE latents + caption
-    embeddings): LCM's one-time LoRA student (a segment student, k = 1) trains two steps, exports in
-    the LoRA format with the scheduler of its segment edges (γ = 1), and samples."""
+@pytest.fixture(scope="module")
+def sd3_latents(caches, tmp_path_factory):
+    """A latent cache of four random 32×32 images with captions, encoded by the tiny SD3 pipeline."""
     import numpy as np
     from PIL import Image
 
     from flowdistill.integrations.diffusers.latent_cache import encode_image_folder
 
-    pipe_dir, _ = caches["sd3"]
-    folder = tmp_path / "images"
+    tmp = tmp_path_factory.mktemp("latents")
+    folder = tmp / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i, caption in enumerate(PROMPTS):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption)
-    pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir)
-    lat_cache = encode_image_folder(pipe, folder, tmp_path / "lat", resolution=32, batch_size=2,
-                                    progress=False)
+    pipe = StableDiffusion3Pipeline.from_pretrained(caches["sd3"][0])
+    return encode_image_folder(pipe, folder, tmp / "lat", resolution=32, batch_size=2, progress=False)
+
+
+def test_lcm_one_time_lora_on_a_latent_cache(caches, sd3_latents, tmp_path):
+    """A data-based method on the latent cache (``data.name=latents``: VAE latents + caption
+    embeddings): LCM's one-time LoRA student (a segment student, k = 1) trains two steps, exports in
+    the LoRA format with the scheduler of its segment edges (γ = 1), and samples."""
+    pipe_dir, lat_cache = caches["sd3"][0], sd3_latents
     over = _over(pipe_dir, lat_cache, tmp_path / "run", "data.name=latents", "distiller.name=lcm",
                  "distiller.num_steps=8", "train.steps=2")
     cfg_file = CONFIG.with_name("lcm_sd3.yaml")
@@ -362,3 +367,32 @@ def test_full_fine_tune_student_exports_the_denoiser(caches, tmp_path):
     assert any(not torch.equal(teacher[k], v) for k, v in saved.items())  # it trained
     assert sorted(p.name for p in (out / "student").iterdir()) == [
         "flowdistill.json", "scheduler_config.json", "second_time.safetensors", "transformer"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(caches, tmp_path):
+    """``model.params.gradient_checkpointing=true`` turns on diffusers' checkpointing in the student's
+    transformer and changes no gradient (the recomputed forward is the same computation)."""
+    pipe_dir, cache = caches["sd3"]
+    grads = {}
+    for gc in (True, False):
+        over = _over(pipe_dir, cache, tmp_path / "run", f"model.params.gradient_checkpointing={gc}")
+        job = build_pipeline_job(load_config(CONFIG, over))
+        d = job.distiller
+        assert d.student.model.is_gradient_checkpointing is gc
+        batch = d.prior_batch(StepRNG(0, 0), 2, job.latent_shape)
+        batch["cond"] = job.source.get_many(torch.arange(2))["cond"]
+        d.loss(batch, 0, "student", StepRNG(0, 0))["loss"].backward()
+        grads[gc] = [p.grad for p in d.student.parameters() if p.requires_grad]
+    pairs = zip(grads[True], grads[False], strict=True)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
+
+
+def test_mdt_one_time_lora_on_a_latent_cache(caches, sd3_latents, tmp_path):
+    """MDT-dist (one-time student) trains one step on the latent cache and samples."""
+    pipe_dir = caches["sd3"][0]
+    over = _over(pipe_dir, sd3_latents, tmp_path / "run", "data.name=latents", "distiller.name=mdt",
+                 "model.name=diffusers_lora", "train.steps=1")
+    run = load_run(train(load_config(None, over)))
+    assert run.meta["distiller"] == "mdt" and run.meta["two_time"] is False
+    lat = run.sample(2, 2, cond=encode_cache_rows(caches["sd3"][1]))
+    assert lat.shape == (2, 4, 16, 16) and torch.isfinite(lat).all()
