@@ -396,3 +396,16 @@ def test_mdt_one_time_lora_on_a_latent_cache(caches, sd3_latents, tmp_path):
     assert run.meta["distiller"] == "mdt" and run.meta["two_time"] is False
     lat = run.sample(2, 2, cond=encode_cache_rows(caches["sd3"][1]))
     assert lat.shape == (2, 4, 16, 16) and torch.isfinite(lat).all()
+
+
+def test_lora_checkpoints_hold_only_what_trains(caches, tmp_path):
+    """A LoRA job's checkpoints leave out the frozen base weights (copies of the teacher's): the saved
+    model state is the adapters and the second time embedding; resuming from it is exact
+    (:func:`test_resume_equals_uninterrupted`)."""
+    from safetensors.torch import load_file
+
+    pipe_dir, cache = caches["sd3"]
+    out = train(load_config(CONFIG, _over(pipe_dir, cache, tmp_path / "run", "train.steps=1",
+                                          "train.ckpt_every=1")))
+    keys = set(load_file(out / "checkpoints" / "step-0000001" / "model.safetensors"))
+    assert keys and all("lora_" in k or "flowdistill_second_time" in k for k in keys), sorted(keys)[:5]

@@ -125,8 +125,13 @@ class Trainer:
 
     def __init__(self, distiller: nn.Module, cfg: TrainConfig, run_dir: str | Path, source=None,
                  sample_shape: tuple[int, ...] | None = None, accelerator=None,
-                 on_plot: Callable[[Trainer, int], None] | None = None, tracker_config: dict | None = None):
+                 on_plot: Callable[[Trainer, int], None] | None = None, tracker_config: dict | None = None,
+                 constant_keys: frozenset[str] = frozenset()):
+        """``constant_keys``: state-dict keys of tensors that never change in training (the frozen base
+        weights of a LoRA student, rebuilt from the teacher): checkpoints leave them out and a resume
+        keeps the values the distiller was built with (unsharded runs)."""
         cfg.validate()
+        self.constant_keys = frozenset(constant_keys)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.trackers = Trackers(cfg.trackers, self.run_dir)
         self.acc = accelerator or engine.build_accelerator(
@@ -202,7 +207,8 @@ class Trainer:
 
     def _model_state(self) -> dict[str, torch.Tensor]:
         if not self.engine.sharded:
-            return self.distiller.trainable_state_dict()
+            state = self.distiller.trainable_state_dict()
+            return {k: v for k, v in state.items() if k not in self.constant_keys}
         out = {}
         for name, net in self.engine.nets.items():
             out.update({f"{name}.{k}": v for k, v in engine.gather_net_state(net, True).items()})
@@ -251,7 +257,9 @@ class Trainer:
                                             if k.startswith(pre)}, True)
         else:
             dev = self.acc.device
-            self.distiller.load_trainable_state_dict({k: v.to(dev) for k, v in ck["model"].items()})
+            kept = {k: v for k, v in self.distiller.trainable_state_dict().items() if k in self.constant_keys}
+            saved = {k: v.to(dev) for k, v in ck["model"].items()}
+            self.distiller.load_trainable_state_dict({**kept, **saved})
         for g in self.groups:
             if g.name in ck["optim"]:
                 nets = self._group_nets[g.name]

@@ -595,6 +595,18 @@ def export_pipeline_student(student: nn.Module, run_dir: Path, job: PipelineJob,
     return run_dir / "student"
 
 
+def frozen_student_keys(job: PipelineJob) -> frozenset[str]:
+    """A LoRA student's frozen base weights and buffers (``student.…`` keys: every tensor of the student
+    but its trainable parameters): copies of the teacher's that never change (the denoisers keep no
+    running statistics), left out of checkpoints — a SD3-medium checkpoint is then its adapters and
+    second time embedding, not 4 GB."""
+    if job.cfg.model.name != "diffusers_lora":
+        return frozenset()
+    student = job.distiller.student
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    return frozenset(f"student.{k}" for k in student.state_dict() if k not in trained)
+
+
 def train_pipeline(cfg: JobConfig, resume: bool = False, overwrite: bool = False,
                    on_plot: Any = None) -> Path:
     """:func:`flowdistill.api.train` for a diffusers pipeline teacher: build, train, export."""
@@ -603,7 +615,8 @@ def train_pipeline(cfg: JobConfig, resume: bool = False, overwrite: bool = False
     config_yaml = to_yaml(cfg)
     check_run_dir(run_dir, config_yaml, resume=resume, overwrite=overwrite)
     trainer = Trainer(job.distiller, cfg.train, run_dir, source=job.source, sample_shape=job.latent_shape,
-                      on_plot=on_plot, tracker_config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+                      on_plot=on_plot, tracker_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+                      constant_keys=frozen_student_keys(job))
     if resume:
         trainer.resume()
     if trainer.is_main:
