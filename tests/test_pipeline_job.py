@@ -409,3 +409,16 @@ def test_lora_checkpoints_hold_only_what_trains(caches, tmp_path):
                                           "train.ckpt_every=1")))
     keys = set(load_file(out / "checkpoints" / "step-0000001" / "model.safetensors"))
     assert keys and all("lora_" in k or "flowdistill_second_time" in k for k in keys), sorted(keys)[:5]
+
+
+def test_latent_size_from_the_cache(caches, tmp_path):
+    """``data.image_size=0`` (the shipped configs) trains at the latent shape the cache was embedded
+    at (here 64 px → 4×32×32, not the tiny pipeline's default 4×16×16), and the loaded run samples
+    at the size it trained at."""
+    pipe_dir, _ = caches["sd3"]
+    cache = encode_prompts(StableDiffusion3Pipeline.from_pretrained(pipe_dir), PROMPTS[:2], tmp_path / "c64",
+                           batch_size=2, resolution=64, progress=False)
+    over = [o for o in _over(pipe_dir, cache, tmp_path / "run", "train.steps=1") if o != "data.image_size=32"]
+    run = load_run(train(load_config(CONFIG, over)))
+    assert run.meta["latent_shape"] == [4, 32, 32] and run.latent_shape == (4, 32, 32)
+    assert run.sample(2, 1, cond=encode_cache_rows(cache)).shape == (2, 4, 32, 32)

@@ -505,8 +505,12 @@ def _honour_shift(cfg: JobConfig, shift: float) -> None:
         d.shift = float(round(shift, 6))
 
 
-def build_pipeline_job(cfg: JobConfig, with_teacher: bool = True) -> PipelineJob:
-    """Teacher, student, distiller and data of a pipeline job (nothing written)."""
+def build_pipeline_job(cfg: JobConfig, with_teacher: bool = True,
+                       latent_shape: tuple[int, ...] | None = None) -> PipelineJob:
+    """Teacher, student, distiller and data of a pipeline job (nothing written).
+
+    ``with_teacher=False`` builds the student for sampling only (no teacher field, no cache opened);
+    ``latent_shape`` then gives the shape the run trained at (its ``flowdistill.json``)."""
     spec = diffusers_teacher(cfg)
     if spec is None:
         raise ConfigError("teacher: a pipeline job needs teacher.diffusers=PATH")
@@ -518,7 +522,7 @@ def build_pipeline_job(cfg: JobConfig, with_teacher: bool = True) -> PipelineJob
     _check_data_name(cfg)
     teacher = load_pipeline_teacher(spec)
     store = _open_store(cfg.data.root, cfg.data.name == "latents") if with_teacher else None
-    shape = job_latent_shape(teacher, cfg, store)
+    shape = tuple(latent_shape) if latent_shape else job_latent_shape(teacher, cfg, store)
     _honour_shift(cfg, teacher.time_shift(shape))
     torch.manual_seed(cfg.train.seed)  # the same initial extra weights in every process and run
     source = build_source(cfg, shape, store) if with_teacher else None
@@ -708,7 +712,7 @@ def load_pipeline_run(run_dir: str | Path, cfg: JobConfig | None = None) -> Pipe
     if meta.get("format") != META_FORMAT:
         raise CheckpointError(f"{run_dir} has no exported pipeline student (student/flowdistill.json; "
                               f"training unfinished?)")
-    job = build_pipeline_job(cfg, with_teacher=False)
+    job = build_pipeline_job(cfg, with_teacher=False, latent_shape=tuple(meta["latent_shape"]))
     model = denoiser_of(job.distiller.student)
     if cfg.model.name == "diffusers_lora":
         _load_lora_into(model, sdir)
