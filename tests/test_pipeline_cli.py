@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,13 @@ def test_eval_of_a_pipeline_run(distilled, tmp_path, monkeypatch, capsys):
     assert main(["eval", str(run_dir), "--reference", str(ref), "--inception-weights",
                  str(tmp_path / "no.pth"), "--out", str(tmp_path / "e3")]) == 2
     assert "not found" in capsys.readouterr().err
+    # an export (a copy of the student directory, no run config): prompts from --prompts
+    shutil.copytree(run_dir / "student", tmp_path / "exp")
+    assert main(["eval", str(tmp_path / "exp"), "--reference", str(ref), "--inception-weights", str(weights),
+                 "--out", str(tmp_path / "e4")]) == 2
+    assert "give --prompts FILE" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    assert main(["eval", str(tmp_path / "exp"), "--reference", str(ref), "--inception-weights", str(weights),
+                 "--prompts", str(tmp_path / "p.txt"), "--nfe", "1", "--n", "4",
+                 "--out", str(tmp_path / "e5")]) == 0
+    assert [r["n"] for r in json.loads((tmp_path / "e5" / "sweep.json").read_text())] == [4]

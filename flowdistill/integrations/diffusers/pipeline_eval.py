@@ -24,16 +24,15 @@ from flowdistill.integrations.diffusers import render
 COLUMNS = ["model", "nfe", "fid", "kid_mean", "kid_std", "clip_score", "n", "n_ref"]
 
 
-def run_prompts(run_dir: str | Path) -> list[str]:
+def run_prompts(student_dir: str | Path) -> list[str]:
     """The prompts of the run's own prompt cache (``data.root``'s ``prompts.jsonl``), in cache order."""
     import json
 
-    from flowdistill.config import load_config
-
-    cfg_file = Path(run_dir) / "config.yaml"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{run_dir}: no config.yaml to find the run's prompts; give --prompts FILE")
-    root = Path(str(load_config(cfg_file).data.root or ""))
+    cfg = render.run_config(student_dir)
+    if cfg is None:
+        raise ConfigError(f"{student_dir} is an export (no run config to find the run's prompts); "
+                          f"give --prompts FILE")
+    root = Path(str(cfg.data.root or ""))
     f = root / "prompts.jsonl"
     if not f.is_file():
         raise ConfigError(f"the run's prompt cache {root} has no prompts.jsonl; give --prompts FILE")
@@ -56,7 +55,8 @@ def evaluate_pipeline_run(run_dir: str | Path, out_dir: str | Path, *, reference
                           prompts: Sequence[str] | None = None, seed: int = 0,
                           clip_model: str | Path | None = None, inception_weights: str | Path | None = None,
                           batch_size: int = 8, device: str = "cpu") -> str:
-    """Sweep a pipeline run over ``nfes`` (default: the run's ``eval.nfe``); returns the markdown table.
+    """Sweep a pipeline run (or its export) over ``nfes`` (default: the run's ``eval.nfe``; an export's
+    1, 2, 4); returns the markdown table.
 
     Everything the sweep needs (the reference folder, the Inception weights, the CLIP model) is
     checked before the first image is rendered.
@@ -82,11 +82,10 @@ def evaluate_pipeline_run(run_dir: str | Path, out_dir: str | Path, *, reference
         from flowdistill.eval.clip_score import load_clip
 
         clip = load_clip(clip_model, device)
-    if nfes is None:
-        from flowdistill.config import load_config
-
-        nfes = list(load_config(Path(sdir).parent / "config.yaml").eval.nfe)
-    prompt_list = list(prompts) if prompts else run_prompts(Path(sdir).parent)
+    if nfes is None:  # the run's eval.nfe; an export: 1, 2, 4
+        cfg = render.run_config(sdir)
+        nfes = list(cfg.eval.nfe) if cfg is not None else [1, 2, 4]
+    prompt_list = list(prompts) if prompts else run_prompts(sdir)
     n = int(n if n is not None else len(prompt_list))
     if n < 4:
         raise ConfigError(f"--n {n}: FID/KID need at least 4 images per NFE")
