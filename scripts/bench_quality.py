@@ -332,9 +332,9 @@ def add_ratios(rows: list[dict[str, Any]], teacher_label: str, problem_best: boo
     for metric in {r["metric"] for r in rows}:
         mine = [r for r in rows if r["metric"] == metric]
         ref_rows = [r for r in mine if r["model"] == teacher_label]
-        if not ref_rows:
-            continue
         pinned = [r["value"] for r in mine if ref_row and (r["model"], r["nfe"]) == ref_row]
+        if not ref_rows and not pinned:
+            continue
         if pinned and metric != "straightness":
             ref = pinned[0]
         elif problem_best or metric == "straightness":
@@ -350,13 +350,14 @@ def bench_problem(problem: str, methods: list[str], explicit: dict[str, Path], r
                   n: int, seeds: list[int], teachers: dict[str, Path] | None = None, rows_re: str = "",
                   extra: dict[str, tuple[Path, list[int]]] | None = None,
                   teacher_nfe: list[int] | None = None, labels: str | None = None,
-                  teacher_guidance: float = 1.0) -> list[dict[str, Any]]:
+                  teacher_guidance: float = 1.0, heun_ref_only: bool = False) -> list[dict[str, Any]]:
     """Train (or reuse) every method's rows on ``problem`` and evaluate them beside the teacher
     (``teachers[problem]`` when given, else the shipped one). ``rows_re``: only the rows whose label
     it matches (``re.search``); ``extra``: saved runs evaluated beside them, ``label → (dir, nfes)``;
     ``teacher_nfe``: the teacher's NFEs (default: the students' and ``MANY_NFE``; digits add Heun
     ``MANY_NFE // 2`` steps when ``MANY_NFE`` is among them); ``labels`` (digits): ``None`` or
-    ``"balanced"``; ``teacher_guidance``: the teacher sampled with that CFG scale (1 = as saved)."""
+    ``"balanced"``; ``teacher_guidance``: the teacher sampled with that CFG scale (1 = as saved);
+    ``heun_ref_only`` (digits): the teacher only at Heun 64 steps, the ratios' reference."""
     from flowdistill.api import load_run
     from flowdistill.distillers import DISTILLERS
 
@@ -390,6 +391,9 @@ def bench_problem(problem: str, methods: list[str], explicit: dict[str, Path], r
     if teacher_guidance != 1.0:
         guide_teacher(teacher_run, teacher_guidance)
     runs = {teacher_label: (teacher_run, teacher_nfes), **runs}
+    if problem == "digits" and heun_ref_only:
+        runs = {k: v for k, v in runs.items() if k != teacher_label}
+        teacher_nfes = [MANY_NFE]
     if problem == "digits" and MANY_NFE in teacher_nfes:
         runs = {**runs, DIGITS_REF[0]: (teacher_run, [DIGITS_REF[1]])}
     log(f"{problem}: evaluating {len(runs)} models over {len(seeds)} seeds")
@@ -433,6 +437,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "balanced = i mod 10, the class-conditional protocol)")
     ap.add_argument("--teacher-guidance", type=float, default=1.0,
                     help="sample the teacher with classifier-free guidance of this scale (1 = as saved)")
+    ap.add_argument("--heun-ref-only", action="store_true",
+                    help="digits: evaluate the teacher only at Heun 64 steps (the ratios' reference)")
     ap.add_argument("--n", type=int, default=4000, help="samples per toy evaluation")
     ap.add_argument("--seeds", type=int, default=5, help="evaluation seeds (DESIGN §7: >= 5 for toys)")
     ap.add_argument("--seed", type=int, default=1234, help="first evaluation seed")
@@ -508,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in [*args.problems, *(["digits"] if args.digits else [])]:
             rows += bench_problem(problem, args.methods, args.config, runs_dir, args.steps_scale, args.n,
                                   seeds, args.teacher, args.rows, args.extra, args.teacher_nfe, args.labels,
-                                  args.teacher_guidance)
+                                  args.teacher_guidance, args.heun_ref_only)
     except (FlowDistillError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

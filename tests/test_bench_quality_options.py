@@ -84,3 +84,12 @@ def test_teacher_guidance_is_cfg_on_the_shipped_teacher():
     s_w = run.sample(8, 1, seed=3, cond=cond)
     torch.testing.assert_close(s_w, 2 * s_c - s_null, rtol=0, atol=1e-5)
     assert (s_w - s_c).abs().max() > 1e-2  # and guidance changed the samples
+
+
+def test_heun_ref_only_keeps_the_pinned_ratio():
+    """--heun-ref-only drops the Euler teacher rows; the ratio is still over the Heun-64 row."""
+    bench = _bench()
+    assert bench.parse_args(["--methods", "pcm", "--digits", "--heun-ref-only"]).heun_ref_only
+    rows = [_row("teacher (Heun)", 128, 0.8), _row("student", 4, 1.0)]
+    bench.add_ratios(rows, "teacher", problem_best=True, ref_row=bench.DIGITS_REF)
+    assert [r["ratio"] for r in rows] == pytest.approx([1.0, 1.25])
