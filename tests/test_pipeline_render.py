@@ -28,6 +28,15 @@ pytest.importorskip("peft")
 PROMPTS = ["a photo of a cat", "a red car on the tree"]
 
 
+#: T5 tokens the tests encode (the pipelines' defaults, 256 / 512, make the tiny attention slow on CPU)
+T5_LEN = 16
+
+
+def _seq(pipe) -> dict[str, int]:
+    """``max_sequence_length`` for pipelines with a T5 encoder."""
+    return {"max_sequence_length": T5_LEN} if render.pipeline_kind(pipe) in ("sd3", "flux") else {}
+
+
 def _embeds(pipe, prompts: list[str], negative: bool = False) -> dict[str, torch.Tensor]:
     """The prompts' embeddings by the pipeline's own ``encode_prompt`` (what the prompt cache holds)."""
     kind = render.pipeline_kind(pipe)
@@ -35,11 +44,12 @@ def _embeds(pipe, prompts: list[str], negative: bool = False) -> dict[str, torch
         if kind == "sd3":
             pe, npe, pp, npp = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                                   do_classifier_free_guidance=negative,
-                                                  negative_prompt=[""] * len(prompts) if negative else None)
+                                                  negative_prompt=[""] * len(prompts) if negative else None,
+                                                  max_sequence_length=T5_LEN)
             return {"prompt_embeds": npe, "pooled_prompt_embeds": npp} if negative else \
                 {"prompt_embeds": pe, "pooled_prompt_embeds": pp}
         if kind == "flux":
-            pe, pp, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None)
+            pe, pp, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=T5_LEN)
             return {"prompt_embeds": pe, "pooled_prompt_embeds": pp}
         pe, npe = pipe.encode_prompt(prompts, "cpu", 1, negative, negative_prompt=None)
         return {"prompt_embeds": npe if negative else pe}
@@ -100,7 +110,7 @@ def test_pipeline_native_sampling_equals_our_sampler(which, shift, request, tmp_
     noise = render.draw_noise(render.latent_shape(native, *render.default_size(native)), 2, seed=5)
     teacher_field = _adapter(native, render.denoiser(render.load_student_pipeline(pipe_dir, None)))
     for nfe in (1, 2, 4):
-        got = render.generate(native, nfe, noise, prompts=PROMPTS)
+        got = render.generate(native, nfe, noise, prompts=PROMPTS, **_seq(native))
         grid = build_grid("shifted", nfe, shift=shift) if shift != 1 else build_grid("uniform", nfe)
         with torch.no_grad():
             want = solve(field, noise, grid, "euler", cond=cond).x
@@ -121,7 +131,8 @@ def test_cfg_inside_the_pipeline_equals_text_cfg_field(request, tmp_path):
         neg = _embeds(native, PROMPTS[:1], negative=True)
         field = TextCFGField(_adapter(student, render.denoiser(student)), 4.0, neg)
         noise = render.draw_noise(render.latent_shape(native, 32, 32), 2, seed=1)
-        got = render.generate(native, 2, noise, prompts=PROMPTS, guidance=render.guidance_kwargs(native, 4.0))
+        got = render.generate(native, 2, noise, prompts=PROMPTS, guidance=render.guidance_kwargs(native, 4.0),
+                              **_seq(native))
         with torch.no_grad():
             cond = TextCondition(**_embeds(native, PROMPTS))
             want = solve(field, noise, build_grid("uniform", 2), "euler", cond=cond).x
@@ -146,7 +157,7 @@ def test_two_time_student_jumps_inside_the_pipeline(request, tmp_path):
     cond = TextCondition(**_embeds(native, PROMPTS))
     noise = render.draw_noise((4, 16, 16), 2, seed=2)
     for nfe in (1, 2, 4):
-        got = render.generate(native, nfe, noise, prompts=PROMPTS)
+        got = render.generate(native, nfe, noise, prompts=PROMPTS, **_seq(native))
         grid = build_grid("shifted", nfe, shift=3.0)
         with torch.no_grad():
             want = noise
@@ -177,11 +188,11 @@ def test_full_student_directory_replaces_the_denoiser(request, tmp_path):
     native = render.load_student_pipeline(sd3_dir, tmp_path / "student")
     cond = TextCondition(**_embeds(native, PROMPTS))
     noise = render.draw_noise((4, 16, 16), 2, seed=4)
-    got = render.generate(native, 2, noise, prompts=PROMPTS)
+    got = render.generate(native, 2, noise, prompts=PROMPTS, **_seq(native))
     with torch.no_grad():
         want = solve(_adapter(native, net), noise, build_grid("shifted", 2, shift=3.0), "euler", cond=cond).x
         teacher = render.load_student_pipeline(sd3_dir, None, scheduler_config={"shift": 3.0})
-        plain = render.generate(teacher, 2, noise, prompts=PROMPTS)
+        plain = render.generate(teacher, 2, noise, prompts=PROMPTS, **_seq(teacher))
     assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
     assert (plain - want).abs().max().item() > 1e-3  # the saved weights replaced the teacher's
 

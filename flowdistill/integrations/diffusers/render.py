@@ -314,14 +314,15 @@ def to_pil(img: Tensor) -> Any:
 def generate(pipe: Any, nfe: int, noise: Tensor, *, prompts: Sequence[str] | None = None,
              embeds: Mapping[str, Tensor] | None = None, output_type: str = "latent",
              guidance: Mapping[str, Any] | None = None, height: int | None = None,
-             width: int | None = None) -> Any:
+             width: int | None = None, **pipe_kwargs: Any) -> Any:
     """One pipeline call at ``nfe`` steps from ``noise [B, C, h, w]``.
 
     The condition is ``prompts`` (B strings, encoded by the pipeline) or ``embeds`` (the cache's
     ``prompt_embeds [B, L, D]`` and, SD3/Flux, ``pooled_prompt_embeds [B, P]``; with CFG also
     ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds``). ``output_type="latent"`` returns
     unpacked latents ``[B, C, h, w]``; ``"pil"`` a list of images; ``"pt"`` ``[B, 3, H, W]`` in [0, 1].
-    ``guidance``: pipeline keyword arguments (:func:`guidance_kwargs`; default: no CFG, w = 1).
+    ``guidance``: pipeline keyword arguments (:func:`guidance_kwargs`; default: no CFG, w = 1);
+    ``pipe_kwargs`` go to the pipeline call as well (e.g. ``max_sequence_length``).
     """
     if (prompts is None) == (embeds is None):
         raise ValueError("pass exactly one of prompts= or embeds=")
@@ -333,7 +334,7 @@ def generate(pipe: Any, nfe: int, noise: Tensor, *, prompts: Sequence[str] | Non
         height, width = noise.shape[-2] * f, noise.shape[-1] * f
     dev = pipe._execution_device
     dt = denoiser(pipe).dtype
-    kw: dict[str, Any] = dict(guidance_kwargs(pipe) if guidance is None else guidance)
+    kw: dict[str, Any] = {**(guidance_kwargs(pipe) if guidance is None else guidance), **pipe_kwargs}
     if prompts is not None:
         kw["prompt"] = list(prompts)
     else:
