@@ -17,6 +17,9 @@ in). ``sample`` and ``eval`` take a run directory or a saved model directory (``
 ``eval`` settings not given as flags come from the run's ``eval:`` section, and an NFE the solver
 cannot spend exactly is skipped with a note. ``--class N`` / ``--labels A,B`` condition a
 class-conditional run. ``--help`` of every command shows each option's default.
+
+The handlers of diffusers pipeline runs (their ``sample`` / ``eval`` / ``export``, and ``embed``)
+live in :mod:`flowdistill.cli_pipeline`; this module is the parser and the built-in commands.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flowdistill.cli_pipeline import (
+    add_embed_command,
+    cmd_embed,
+    cmd_eval_pipeline,
+    cmd_export_pipeline,
+    cmd_sample_pipeline,
+    pipeline_student,
+)
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.errors import FlowDistillError
 from flowdistill.plugins import load_plugins
@@ -189,46 +200,13 @@ def _grid(x, path: Path) -> None:
     image_grid(x, path, nrow=ncol, scale=scale)
 
 
-def _pipeline_student(run_dir: str) -> Path | None:
-    """The student directory of a diffusers pipeline run (or of its export), else ``None``."""
-    from flowdistill.integrations.student_dir import student_dir_of  # no torch / diffusers import
-
-    return student_dir_of(run_dir)
-
-
-def _cmd_sample_pipeline(args: argparse.Namespace, student_dir: Path) -> None:
-    """``sample`` of a diffusers pipeline run: the original pipeline class with the student's LoRA
-    and scheduler renders the prompts at each NFE (VAE decode), PNGs plus a labelled grid."""
-    from flowdistill.integrations.diffusers import render
-    from flowdistill.runs import check_output_dir
-
-    if args.solver is not None or args.labels is not None:
-        raise FlowDistillError("--solver, --class and --labels are for built-in runs; a pipeline run samples "
-                               "with its own scheduler and takes --prompt / --prompts")
-    out = Path(args.out or "samples")
-    if out.suffix in (".png", ".safetensors"):
-        raise FlowDistillError(f"--out of a pipeline run is a directory (PNGs per NFE and grid.png), "
-                               f"got {out.name}")
-    check_output_dir(out, "--out")
-    prompts = render.read_prompts_arg(args.prompt, args.prompts)
-    nfes = args.nfe or [1, 2, 4]
-    pipe = render.load_run_pipeline(args.run_dir, device=args.device)
-    h, w = render.run_image_size(pipe, student_dir)
-    res = render.render_prompts(pipe, prompts, nfes, out, seed=args.seed, per_prompt=args.n or 1,
-                                height=args.height or h, width=args.width or w,
-                                guidance=render.run_guidance(pipe, student_dir), batch_size=args.batch_size)
-    count = sum(len(v) for v in res.files.values())
-    print(f"{count} images ({len(prompts)} prompts at NFE {', '.join(map(str, nfes))}) written to {out} "
-          f"(nfeK/pNN_J.png and grid.png)")
-
-
 def _cmd_sample(args: argparse.Namespace) -> None:
     """Sample a run (or a saved model directory) and write the samples (see ``sample --help``)."""
     import re
 
-    student_dir = _pipeline_student(args.run_dir)
+    student_dir = pipeline_student(args.run_dir)
     if student_dir is not None:
-        return _cmd_sample_pipeline(args, student_dir)
+        return cmd_sample_pipeline(args, student_dir)
     if args.prompt or args.prompts:
         raise FlowDistillError("--prompt / --prompts are for diffusers pipeline runs "
                                "(teacher: {diffusers: ...})")
@@ -298,41 +276,15 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     print(f"{x.shape[0]} samples at NFE {args.nfe} written to {written}")
 
 
-def _cmd_eval_pipeline(args: argparse.Namespace, student_dir: Path) -> None:
-    """``eval`` of a diffusers pipeline run: FID/KID (Inception) against ``--reference``, CLIP score with
-    ``--clip-model``, at each NFE; tables, plots and a grid."""
-    from flowdistill.integrations.diffusers.pipeline_eval import evaluate_pipeline_run
-    from flowdistill.integrations.diffusers.render import read_prompts_arg
-    from flowdistill.runs import check_output_dir
-
-    if args.reference is None:
-        raise FlowDistillError("eval of a pipeline run needs --reference FOLDER (real images for FID/KID)")
-    if args.solver is not None or args.labels is not None:
-        raise FlowDistillError("--solver, --class and --labels are for built-in runs")
-    if args.out:
-        out = Path(args.out)
-    else:
-        run_dir = Path(args.run_dir)
-        out = run_dir / "eval" if student_dir.name == "student" else Path(f"{run_dir.resolve().name}_eval")
-    check_output_dir(out, "--out")
-    prompts = read_prompts_arg(None, args.prompts) if args.prompts else None
-    md = evaluate_pipeline_run(args.run_dir, out, reference=args.reference, nfes=args.nfe, n=args.n,
-                               prompts=prompts, seed=args.seed if args.seed is not None else 0,
-                               clip_model=args.clip_model, inception_weights=args.inception_weights,
-                               device=args.device)
-    print(md)
-    print(f"tables and plots written to {out}")
-
-
 def _cmd_eval(args: argparse.Namespace) -> None:
     """NFE sweep of a run (or a saved model directory); settings default to its ``eval:`` section."""
     from flowdistill.api import load_run
     from flowdistill.eval.run_eval import evaluate_run
     from flowdistill.runs import check_output_dir
 
-    student_dir = _pipeline_student(args.run_dir)
+    student_dir = pipeline_student(args.run_dir)
     if student_dir is not None:
-        return _cmd_eval_pipeline(args, student_dir)
+        return cmd_eval_pipeline(args, student_dir)
     for flag, value in (("--reference", args.reference), ("--clip-model", args.clip_model),
                         ("--prompts", args.prompts)):
         if value is not None:
@@ -359,18 +311,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     """Export a run: a FlowDistillPipeline directory, or for a diffusers pipeline run the LoRA weights
     and scheduler config the original pipeline class loads."""
-    from flowdistill.integrations.diffusers.export import export_pipeline_run, export_run
+    from flowdistill.integrations.diffusers.export import export_run
     from flowdistill.runs import check_output_dir
 
     check_output_dir(args.out_dir, "OUT_DIR")
     if Path(args.out_dir).exists():
         check_output_dir(Path(args.out_dir).resolve().parent, "the directory of OUT_DIR")
-    if _pipeline_student(args.run_dir) is not None:
-        out = export_pipeline_run(args.run_dir, args.out_dir, overwrite=args.overwrite,
-                                  check=not args.no_check)
-        print(f"student written to {out}: pipe.load_lora_weights({str(out)!r}) on the original pipeline "
-              f"class, then pipe.scheduler = <scheduler class, README.md>.from_pretrained({str(out)!r})")
-        return
+    if pipeline_student(args.run_dir) is not None:
+        return cmd_export_pipeline(args)
     out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
     print(f"diffusers pipeline written to {out} (load with FlowDistillPipeline.from_pretrained)")
 
@@ -382,13 +330,6 @@ def _cmd_recipe(args: argparse.Namespace) -> None:
     runs = run_recipe(args.recipe, args.overrides, report=not args.no_report, only=only)
     if _is_main_process():
         print("runs: " + ", ".join(f"{k}={v}" for k, v in runs.items()))
-
-
-def _cmd_embed(args: argparse.Namespace) -> None:
-    """``flowdistill embed``: the prompt-embedding (or latent) cache of a pipeline (:mod:`.prompt_cache`)."""
-    from flowdistill.integrations.diffusers.prompt_cache import cmd_embed
-
-    cmd_embed(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -445,9 +386,6 @@ def _add_labels(sp: argparse.ArgumentParser, balanced: bool = False) -> None:
     g.add_argument("--labels", dest="labels", type=_labels_or_balanced if balanced else _labels, default=None,
                    metavar="A,B,...", help=f"class labels taken in turn by the samples{extra} "
                                            f"(default: unconditional)")
-
-
-EMBED_HELP = "cache a pipeline's prompt embeddings (or image latents) for training"
 
 
 def build_parser(full_embed: bool = False) -> argparse.ArgumentParser:
@@ -577,12 +515,7 @@ def build_parser(full_embed: bool = False) -> argparse.ArgumentParser:
     sp.add_argument("--no-check", action="store_true",
                     help="pipeline runs: skip sampling the export against the run's own sampler")
 
-    if full_embed:
-        from flowdistill.integrations.diffusers.prompt_cache import add_embed_parser
-
-        add_embed_parser(sub, [plugin])
-    else:  # listed without importing torch; parse_args builds the real one when the command is embed
-        sub.add_parser("embed", help=EMBED_HELP)
+    add_embed_command(sub, [plugin], full=full_embed)
 
     sp = sub.add_parser("demo", parents=[plugin], help="the default job on a built-in problem")
     sp.add_argument("--out", default="runs/demo", help="demo run directory (replaced each time)")
@@ -632,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             _cmd_export(args)
         elif args.command == "embed":
-            _cmd_embed(args)
+            cmd_embed(args)
         elif args.command == "demo":
             _cmd_demo(args)
     except FlowDistillError as e:

@@ -21,11 +21,8 @@ from flowdistill.core.timesteps import build_grid
 from flowdistill.errors import ConfigError
 from flowdistill.integrations.diffusers import DDPMUNetAdapter, FluxAdapter, SD3Adapter, calculate_shift
 from flowdistill.integrations.diffusers.adapters import TextCFGField
-from flowdistill.integrations.diffusers.pipeline_job import (
-    PipelineRun,
-    build_pipeline_job,
-    load_pipeline_teacher,
-)
+from flowdistill.integrations.diffusers.pipeline_job import PipelineRun, build_pipeline_job
+from flowdistill.integrations.diffusers.pipeline_teacher import load_pipeline_teacher
 from flowdistill.integrations.diffusers.prompt_cache import encode_prompts
 from tests.pipeline_fixtures import flux_pipeline_dir, sd3_pipeline_dir, unet_pipeline_dir  # noqa: F401
 
@@ -236,7 +233,7 @@ def test_reflow_couples_with_prompt_indices_and_trains(caches, tmp_path):
     student on them and the run samples from prompt embeddings."""
     from flowdistill.api import couple
     from flowdistill.data.couplings import CouplingSource, CouplingStore
-    from flowdistill.integrations.diffusers.pipeline_job import PromptIndexed
+    from flowdistill.integrations.diffusers.pipeline_data import PromptIndexed
 
     pipe_dir, cache = caches["sd3"]
     pairs_kw = ["n_pairs=4", "shard_size=4", "chunk_size=4", "solver=euler", "nfe=3", "uncond_share=0.5",
