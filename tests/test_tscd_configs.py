@@ -68,3 +68,17 @@ def test_digits_config_trains_a_few_steps(method, tmp_path):
                        "train.log_every=1", "train.ckpt_every=0", "train.warmup_steps=1"])
     x = load_run(train(cfg)).sample(8, 4, seed=0)
     assert x.shape == (8, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_cfg_digits_config_is_class_conditional_and_guided(tmp_path):
+    """configs/tscd_digits_cfg.yaml: labelled batches, the teacher's own CFG (w = 1.5), and a
+    class-conditional student: the same noise under two labels gives two different samples."""
+    cfg = load_config(REPO / "configs" / "tscd_digits_cfg.yaml",
+                      [f"out_dir={tmp_path / 'run'}", "train.steps=2", "train.batch_size=16",
+                       "train.log_every=1", "train.ckpt_every=0", "train.warmup_steps=1"])
+    assert cfg.data.conditional is True and cfg.guidance.scale == 1.5 and cfg.distiller.name == "tscd"
+    run = load_run(train(cfg))
+    assert run.num_classes == 10
+    a = run.sample(8, 4, seed=0, cond=torch.zeros(8, dtype=torch.long))
+    b = run.sample(8, 4, seed=0, cond=torch.ones(8, dtype=torch.long))
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-3
