@@ -179,19 +179,25 @@ def manifest_lock(root: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def read_manifest(root: str | os.PathLike) -> dict:
-    """The manifest of the store at ``root`` (a :class:`CouplingError` if missing or unreadable)."""
+def load_json_manifest(root: str | os.PathLike, fmt: str, error: type[Exception], missing: str) -> dict:
+    """The JSON manifest of the sharded store at ``root``, checked to be of format ``fmt``; a
+    missing, corrupt or foreign one raises ``error`` (``missing``: what the user should do)."""
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise CouplingError(f"{root} holds no coupling store ({MANIFEST} missing); "
-                            f"generate it with `flowdistill couple CONFIG`")
+        raise error(f"{root} holds no {missing}")
     try:
         man = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CouplingError(f"{path} is corrupt: {e}") from None
-    if man.get("format") != FORMAT:
-        raise CouplingError(f"{path}: unknown format {man.get('format')!r} (expected {FORMAT!r})")
+        raise error(f"{path} is corrupt: {e}") from None
+    if man.get("format") != fmt:
+        raise error(f"{path}: unknown format {man.get('format')!r} (expected {fmt!r})")
     return man
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """The manifest of the store at ``root`` (a :class:`CouplingError` if missing or unreadable)."""
+    return load_json_manifest(root, FORMAT, CouplingError, f"coupling store ({MANIFEST} missing); "
+                              f"generate it with `flowdistill couple CONFIG`")
 
 
 def update_manifest(root: Path, fn: Callable[[dict], dict]) -> dict:

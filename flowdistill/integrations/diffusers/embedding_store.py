@@ -43,6 +43,7 @@ from flowdistill.atomic import atomic_file, atomic_write_text
 from flowdistill.data.couplings import (
     MANIFEST,
     file_sha256,
+    load_json_manifest,
     manifest_lock,
     num_shards,
     shard_count,
@@ -77,17 +78,9 @@ def fields_of(tensors: dict[str, Tensor]) -> dict[str, dict]:
 
 def read_cache_manifest(root: str | os.PathLike, fmt: str) -> dict:
     """The manifest of the cache at ``root``, checked to be of format ``fmt``."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise EmbeddingCacheError(f"{root} holds no cache ({MANIFEST} missing); write it with "
-                                  f"`flowdistill embed PIPELINE_DIR PROMPTS --out {root}`")
-    try:
-        man = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EmbeddingCacheError(f"{path} is corrupt: {e}") from None
-    if man.get("format") != fmt:
-        raise EmbeddingCacheError(f"{path}: format {man.get('format')!r}, expected {fmt!r}")
-    return man
+    return load_json_manifest(root, fmt, EmbeddingCacheError,
+                              f"cache ({MANIFEST} missing); write it with "
+                              f"`flowdistill embed PIPELINE_DIR PROMPTS --out {root}`")
 
 
 def _barrier() -> None:

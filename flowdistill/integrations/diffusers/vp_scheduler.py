@@ -85,16 +85,6 @@ class FlowDistillVPScheduler(FlowDistillScheduler):
         super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
         self.timesteps = self._vp_timesteps(self.sigmas[:-1].cpu()).to(self.sigmas.device)
 
-    def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
-        """The grid index of a DDPM ``timestep`` (the first of equal ones, when several levels are
-        clamped to the last trained step)."""
-        tv = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        diffs = (self.timesteps.detach().cpu().double() - tv).abs()
-        i = int(diffs.argmin())
-        if diffs[i] > 1e-3:
-            raise ValueError(f"timestep {tv} is not on the schedule {self.timesteps.tolist()}")
-        return i
-
     def _index(self, timestep: float | torch.Tensor) -> int:
         """The current step's grid index (the step counter once stepping has begun)."""
         if self._step_index is not None:
