@@ -318,10 +318,13 @@ def test_lcm_one_time_lora_on_a_latent_cache(caches, sd3_latents, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(caches, tmp_path):
-    """torchrun with two CPU processes (gloo, DDP) trains the SD3 LoRA job like one process: each
-    rank takes its slice of the same keyed prompt batch. Measured: max |Δ| 1.5e-7 on adapter
-    weights of size ~1 (float reduction order); the bound 1e-5 is far below a wrong slice (~1e-3)."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(caches, tmp_path, engine):
+    """torchrun with two CPU processes (gloo; DDP, or FSDP2 with ``train.distributed=fsdp``, whose
+    export gathers the sharded LoRA student into a freshly built one) trains the SD3 LoRA job like
+    one process: each rank takes its slice of the same keyed prompt batch. Measured (DDP): max |Δ|
+    1.5e-7 on adapter weights of size ~1 (float reduction order); the bound 1e-5 is far below a
+    wrong slice (~1e-3)."""
     import os
     import subprocess
     import sys
@@ -337,7 +340,8 @@ def test_two_processes_train_like_one(caches, tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"run{nproc}"
         args = ["tests/dist_train_worker.py", "--config", str(CONFIG), "--distiller", "freeflow",
-                *_over(pipe_dir, cache, out, "train.steps=2", "train.batch_size=4")]
+                *_over(pipe_dir, cache, out, "train.steps=2", "train.batch_size=4",
+                      *([f"train.distributed={engine}"] if nproc == 2 and engine == "fsdp" else []))]
         launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", "2",
                                         "--master_port", str(free_port())]
         r = subprocess.run([sys.executable, *launch, *args], cwd=REPO, env=env, capture_output=True,

@@ -14,6 +14,7 @@ code for one process, DDP and FSDP.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -199,8 +200,11 @@ def full_tensor(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-def unsharded_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh, unsharded instance of ``module``'s class (diffusers ``from_config``) holding ``state``."""
-    fresh = type(module).from_config(module.config)
+def unsharded_copy(module: nn.Module, state: dict[str, torch.Tensor],
+                   fresh: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """A fresh, unsharded instance of ``module`` holding ``state``: ``fresh()`` when given (a module
+    without a diffusers config, e.g. a LoRA'd pipeline denoiser, is rebuilt by its job), else its
+    class's ``from_config``."""
+    fresh = fresh() if fresh is not None else type(module).from_config(module.config)
     fresh.load_state_dict(state)
     return fresh.eval()

@@ -433,9 +433,10 @@ class Trainer:
             self.trackers.end(self.acc)
         return self
 
-    def eval_student(self) -> nn.Module:
+    def eval_student(self, fresh: Callable[[], nn.Module] | None = None) -> nn.Module:
         """The student to sample and export: the EMA copy when EMA is on (else the full student,
-        gathered from its shards under FSDP — a collective: call it on every rank)."""
+        gathered from its shards under FSDP — a collective: call it on every rank — into ``fresh()``
+        or, by default, a ``from_config`` instance of the student's class)."""
         if self.ema is not None:
             return self.ema.module
         if not self.engine.sharded:
@@ -443,4 +444,4 @@ class Trainer:
         state = engine.gather_net_state(self.engine.nets["student"], True)
         if not self.is_main:
             return self.distiller.student
-        return engine.unsharded_copy(self.distiller.student, state)
+        return engine.unsharded_copy(self.distiller.student, state, fresh)

@@ -141,7 +141,11 @@ def train_pipeline(cfg: JobConfig, resume: bool = False, overwrite: bool = False
         prepare_run_dir(run_dir, config_yaml, resume=resume, overwrite=overwrite)
     trainer.acc.wait_for_everyone()
     trainer.fit()
-    student = trainer.eval_student()
+    # under FSDP rank 0 gathers the student into a fresh unsharded one, rebuilt as for sampling
+    def fresh() -> nn.Module:
+        return build_pipeline_job(cfg, with_teacher=False, latent_shape=job.latent_shape).distiller.student
+
+    student = trainer.eval_student(fresh=fresh)
     if trainer.is_main:
         export_pipeline_student(student, run_dir, job, trainer.step)
     trainer.acc.wait_for_everyone()
