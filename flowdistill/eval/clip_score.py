@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from flowdistill.errors import ConfigError
+from flowdistill.eval.image_io import to_uint8
 
 
 def require_transformers() -> None:
@@ -55,7 +56,7 @@ def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu") -> tu
 def _as_uint8_hwc(images: Tensor | Sequence[Any]) -> list[np.ndarray]:
     """Images ``[N, C, H, W]`` in [-1, 1] (or a list of PIL images) as uint8 HWC RGB arrays."""
     if torch.is_tensor(images):
-        x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        x = to_uint8(images.detach().float().clamp(-1, 1))
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return [a for a in x.permute(0, 2, 3, 1).numpy()]

@@ -304,7 +304,9 @@ def to_pil(img: Tensor) -> Any:
     """One image ``[C, H, W]`` in [-1, 1] as a PIL RGB image."""
     from PIL import Image
 
-    x = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    from flowdistill.eval.image_io import to_uint8
+
+    x = to_uint8(img.detach().float().clamp(-1, 1)[None])[0]
     if x.shape[0] == 1:
         x = x.expand(3, -1, -1)
     return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
