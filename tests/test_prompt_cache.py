@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-import flowdistill.integrations.diffusers.embedding_store as embedding_store
+import flowdistill.data.tensor_cache as tensor_store  # the generic store writes the shards
 from flowdistill.data.couplings import write_shard
 from flowdistill.errors import ConfigError
 from flowdistill.integrations.diffusers.embedding_store import EmbeddingCacheError
@@ -139,7 +139,7 @@ def test_resume_after_crash_equals_uninterrupted(request, tmp_path, monkeypatch)
     full = encode_prompts(pipe, PROMPTS, tmp_path / "full", **kw)
 
     calls = {"n": 0}
-    real = embedding_store.write_shard
+    real = tensor_store.write_shard
 
     def crash_on_third(*a, **k):
         """``write_shard`` killed before the third shard lands."""
@@ -148,11 +148,11 @@ def test_resume_after_crash_equals_uninterrupted(request, tmp_path, monkeypatch)
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(embedding_store, "write_shard", crash_on_third)
+    monkeypatch.setattr(tensor_store, "write_shard", crash_on_third)
     root = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
         encode_prompts(pipe, PROMPTS, root, **kw)
-    monkeypatch.setattr(embedding_store, "write_shard", real)
+    monkeypatch.setattr(tensor_store, "write_shard", real)
     man = json.loads((root / "manifest.json").read_text())
     assert [s["index"] for s in man["shards"]] == [0, 1] and not man["complete"]
     with pytest.raises(EmbeddingCacheError, match="incomplete.*--resume"):
