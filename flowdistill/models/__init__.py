@@ -21,12 +21,14 @@ from flowdistill.errors import ConfigError
 from flowdistill.models.dit import DiTFlowNet
 from flowdistill.models.embeddings import ConditionEmbedding, sinusoidal_embedding
 from flowdistill.models.mlp import MLPFlowNet
+from flowdistill.models.tokenizer import TokenizerModel
 from flowdistill.models.unet import UNetFlowNet
 
 MODELS: Registry = Registry("model")
 MODELS.register("mlp")(MLPFlowNet)
 MODELS.register("unet")(UNetFlowNet)
 MODELS.register("dit")(DiTFlowNet)
+MODELS.register("tokenizer")(TokenizerModel)
 
 
 def build_model(name: str, /, **cfg: Any) -> nn.Module:
@@ -79,6 +81,7 @@ __all__ = [
     "DiTFlowNet",
     "InitReport",
     "MLPFlowNet",
+    "TokenizerModel",
     "UNetFlowNet",
     "build_model",
     "init_from",
