@@ -41,7 +41,7 @@ from flowdistill.errors import ConfigError
 
 #: ``(spec, split) -> source``.
 DatasetFactory = Callable[[Any, str], Any]
-KINDS = ("toy", "image")
+KINDS = ("toy", "image", "video")  # video: clips [F, C, H, W] (bouncing_digits, video_folder)
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,10 @@ class DatasetEntry:
     images with ``feature_extractor``). ``sample_shape(spec)`` gives one sample's shape without
     building the source (``None``: build it and read ``source.sample_shape``). ``reference(spec,
     n)`` gives the eval's real images (``None``: :func:`default_reference`).
+
+    A dataset in a learned latent space (``latents``) sets ``pixel_spec(spec)`` (the data spec of
+    the images it encodes: the reference and the feature extractor are that dataset's) and
+    ``decoding(spec)`` (what turns samples into those images, :func:`decoding_for`).
     """
 
     name: str
@@ -61,6 +65,8 @@ class DatasetEntry:
     sample_shape: Callable[[Any], tuple[int, ...]] | None = None
     reference: Callable[[Any, int | None], ReferenceImages] | None = None
     feature_extractor: str = "inception"
+    pixel_spec: Callable[[Any], Any] | None = None
+    decoding: Callable[[Any], Any] | None = None
 
 
 @dataclass
@@ -80,7 +86,9 @@ DATASETS = Registry("dataset")
 def register_dataset(name: str, *, kind: str = "image",
                      sample_shape: Callable[[Any], tuple[int, ...]] | None = None,
                      reference: Callable[[Any, int | None], ReferenceImages] | None = None,
-                     feature_extractor: str = "inception") -> Callable[[DatasetFactory], DatasetFactory]:
+                     feature_extractor: str = "inception", pixel_spec: Callable[[Any], Any] | None = None,
+                     decoding: Callable[[Any], Any] | None = None,
+                     ) -> Callable[[DatasetFactory], DatasetFactory]:
     """Decorator: register a factory ``(spec, split) -> source`` as dataset ``name``.
 
     See :class:`DatasetEntry` for the keyword arguments; the factory is returned unchanged.
@@ -89,7 +97,8 @@ def register_dataset(name: str, *, kind: str = "image",
         raise ValueError(f"dataset kind must be one of {KINDS}, got {kind!r}")
 
     def deco(factory: DatasetFactory) -> DatasetFactory:
-        DATASETS.register(name)(DatasetEntry(name, factory, kind, sample_shape, reference, feature_extractor))
+        DATASETS.register(name)(DatasetEntry(name, factory, kind, sample_shape, reference, feature_extractor,
+                                             pixel_spec, decoding))
         return factory
 
     return deco
@@ -160,9 +169,27 @@ def reference_images(spec: Any, n: int | None = None) -> ReferenceImages:
     entry = dataset_entry(spec.name)
     if entry.kind != "image":
         raise ConfigError(f"dataset {spec.name!r} is a {entry.kind} dataset: it has no reference images")
+    if entry.pixel_spec is not None:  # a latent dataset: the images it encodes
+        return reference_images(entry.pixel_spec(spec), n)
     if entry.reference is not None:
         return entry.reference(spec, n)
     return default_reference(entry, spec, n)
+
+
+def feature_extractor_of(spec: Any) -> str:
+    """The feature network an image eval of ``spec``'s dataset uses (a latent dataset: its images')."""
+    entry = dataset_entry(spec.name)
+    if entry.pixel_spec is not None:
+        return feature_extractor_of(entry.pixel_spec(spec))
+    return entry.feature_extractor
+
+
+def decoding_for(spec: Any) -> Any | None:
+    """How samples of ``spec``'s dataset become images before an image eval: ``None`` for pixel
+    datasets; for a latent dataset its :class:`~flowdistill.data.latent_cache.LatentDecoding` (the
+    tokenizer directory and the factors to undo; the eval layer loads and runs the decoder)."""
+    entry = dataset_entry(spec.name)
+    return entry.decoding(spec) if entry.decoding is not None else None
 
 
 # -- the lazy image folder -------------------------------------------------------------------------
@@ -248,6 +275,37 @@ def _image_folder(spec: Any, split: str) -> ImageFolderSource:
     return ImageFolderSource(_folder_root(spec), spec.image_size, 3, conditional=spec.conditional)
 
 
+def _latent_cache(spec: Any) -> Any:
+    from flowdistill.data.latent_cache import open_cache
+
+    return open_cache(spec.root)
+
+
+def _latent_pixel_spec(spec: Any) -> Any:
+    """The data spec of the images a latent cache encodes (from its manifest)."""
+    return _latent_cache(spec).source_spec
+
+
+def _latent_decoding(spec: Any) -> Any:
+    from flowdistill.data.latent_cache import decoding_of
+
+    return decoding_of(spec)
+
+
+@register_dataset("latents", sample_shape=lambda spec: _latent_cache(spec).latent_shape,
+                  pixel_spec=_latent_pixel_spec, decoding=_latent_decoding)
+def _latents(spec: Any, split: str) -> Any:
+    """Tokenizer latents cached at ``spec.root`` (:mod:`flowdistill.data.latent_cache`; one cache, so
+    ``split`` is ignored; conditional when ``spec.conditional`` and labels are stored)."""
+    from flowdistill.data.latent_cache import LatentSource
+
+    return LatentSource(_latent_cache(spec), conditional=spec.conditional)
+
+
+# the video datasets register themselves (kind="video"; their modules import this one's decorator)
+from flowdistill.data import bouncing_digits as _bouncing_digits_module  # noqa: E402,F401
+from flowdistill.data import video_folder as _video_folder_module  # noqa: E402,F401
+
 __all__ = ["DATASETS", "DatasetEntry", "ImageFolderSource", "ReferenceImages", "build_dataset",
-           "dataset_entry", "dataset_names", "default_reference", "reference_images", "register_dataset",
-           "sample_shape_of"]
+           "dataset_entry", "dataset_names", "decoding_for", "default_reference", "feature_extractor_of",
+           "reference_images", "register_dataset", "sample_shape_of"]

@@ -70,7 +70,7 @@ def reference_images(run, n: int | None = None) -> tuple[torch.Tensor, torch.Ten
 def image_sweep(samplers: dict[str, Any], nfes: dict[str, list[int]], reference: torch.Tensor,
                 floor_real: torch.Tensor, seed: int = 0, feature_extractor: str = "digits",
                 cache_dir: Path | None = None, reference_name: str | None = None, solver: str = "",
-                labels: Labels = None, num_classes: int = 0,
+                labels: Labels = None, num_classes: int = 0, decode: Any = None,
                 **fid_kw) -> tuple[list[dict[str, Any]], dict[str, dict[int, torch.Tensor]]]:
     """FID etc. of each ``sampler(n, nfe, seed)`` at each NFE; ``n = len(reference)``.
 
@@ -78,6 +78,7 @@ def image_sweep(samplers: dict[str, Any], nfes: dict[str, list[int]], reference:
     the rows. ``labels`` (:func:`class_labels`, with ``num_classes``): ``None`` calls
     ``sampler(n, nfe, seed)`` (null label); otherwise ``sampler(n, nfe, seed, cond=labels)``, the
     same labels for every sampler and NFE; the reference and the floor are the same either way.
+    ``decode`` maps samples to images first (a latent run's tokenizer decoder, :func:`sample_decoder`).
     """
     from flowdistill.eval.fid import compute_fid
 
@@ -92,7 +93,8 @@ def image_sweep(samplers: dict[str, Any], nfes: dict[str, list[int]], reference:
     for name, sampler in samplers.items():
         samples[name] = {}
         for nfe in nfes[name]:
-            x = (sampler(n, nfe, seed) if cond is None else sampler(n, nfe, seed, cond=cond)).clamp(-1, 1)
+            x = sampler(n, nfe, seed) if cond is None else sampler(n, nfe, seed, cond=cond)
+            x = (decode(x) if decode is not None else x).clamp(-1, 1)
             samples[name][nfe] = x
             m = compute_fid(x, reference, **kw)
             rows.append({"model": name, "solver": solver or "default", "nfe": nfe,
@@ -146,10 +148,20 @@ def evaluate_image_run(run, nfes: list[int], n: int, out_dir: Path, seed: int = 
                                 cache_dir=cache_dir if cache_dir is not None else run.run_dir / "fid_cache",
                                 reference_name=f"{ref_name}-n{n}",
                                 solver=solver or getattr(run.cfg.distiller, "sample_solver", ""),
-                                labels=labels, num_classes=run.num_classes, **fid_kw)
+                                labels=labels, num_classes=run.num_classes,
+                                decode=sample_decoder(run.cfg.data), **fid_kw)
     md = write_table(rows, IMAGE_COLUMNS, out_dir, stem=f"sweep{tag}")
     for nfe, x in samples[label].items():
         image_grid(x[:64], out_dir / f"grid{tag}_nfe{nfe}.png")
     metric_vs_nfe({label: {r["nfe"]: r["fid"] for r in rows}}, out_dir / f"fid_vs_nfe{tag}.png",
                   ylabel=f"FID ({extractor} features, n={rows[0]['n']})", floor=rows[0]["fid_floor"])
     return md
+
+
+def sample_decoder(data: Any):
+    """``latents -> images`` for a run on ``data`` whose samples are not images (``data.name:
+    latents``: the tokenizer's decoder, :mod:`flowdistill.models.latent_codec`); ``None`` otherwise."""
+    from flowdistill.data.registry import decoding_for
+    from flowdistill.models.latent_codec import decoder_for
+
+    return decoder_for(decoding_for(data))

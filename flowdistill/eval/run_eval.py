@@ -132,7 +132,7 @@ def evaluate_run(run: Any, nfes: Sequence[int] | None, n: int | None, out_dir: P
     with, in turn. Returns the markdown table followed by the notes (skipped NFEs, settings
     ignored), which are also written under the table in ``sweep*.md``.
     """
-    from flowdistill.data.registry import build_dataset, dataset_entry
+    from flowdistill.data.registry import build_dataset, dataset_entry, feature_extractor_of
     from flowdistill.eval.plots import metric_vs_nfe, scatter_grid
 
     entry = dataset_entry(run.cfg.data.name)  # the run's own dataset; unknown -> UnknownNameError
@@ -141,7 +141,7 @@ def evaluate_run(run: Any, nfes: Sequence[int] | None, n: int | None, out_dir: P
         class_labels_for(run, labels, 1)  # checked before anything is sampled
         run = _Labelled(run, labels)
         plan.notes.append(f"class labels {list(labels)} (in turn over the samples)")
-    extractor = entry.feature_extractor if entry.kind == "image" else None
+    extractor = feature_extractor_of(run.cfg.data) if entry.kind == "image" else None
     if extractor == "inception":
         from flowdistill.eval.inception import inception_weights_path
 

@@ -138,11 +138,12 @@ def image_quality_rows(runs: Mapping[str, Any], nfes: Mapping[str, Sequence[NfeS
     samples are clamped to [-1, 1]. ``cache_dir`` keeps the reference features.
     """
     from flowdistill.data.registry import reference_images
-    from flowdistill.eval.image_eval import image_sweep
+    from flowdistill.eval.image_eval import image_sweep, sample_decoder
 
     real = reference_images(data, int(n))
     reference, floor_real, ref_name, extractor = real.reference, real.floor, real.name, real.feature_extractor
     n = reference.shape[0]
+    decode = sample_decoder(data)  # a latent dataset's tokenizer decoder (None for images)
     rows = []
     for label, run in runs.items():
         k = straight_nfe[label] if isinstance(straight_nfe, Mapping) else straight_nfe
@@ -152,7 +153,8 @@ def image_quality_rows(runs: Mapping[str, Any], nfes: Mapping[str, Sequence[NfeS
             sweep, _ = image_sweep({label: lambda m, b, sd, run=run, kw=kw: run.sample(m, b, seed=sd, **kw)},
                                    {label: [nfe]}, reference, floor_real, seed=seed,
                                    feature_extractor=extractor, cache_dir=cache_dir,
-                                   reference_name=f"{ref_name}-n{n}", solver=solver or _default_solver(run))
+                                   reference_name=f"{ref_name}-n{n}", solver=solver or _default_solver(run),
+                                   decode=decode)
             r = sweep[0]
             rows.append({"model": label, "nfe": nfe, "solver": r["solver"], "metric": "fid",
                          "value": r["fid"], "floor": r["fid_floor"],
