@@ -4,6 +4,7 @@ from flowdistill.distillers import (
     flow_matching,  # noqa: F401  (registers)
     freeflow,  # noqa: F401  (registers)
     mdt,  # noqa: F401  (registers)
+    rectok,  # noqa: F401  (registers)
     reflow,  # noqa: F401  (registers "reflow" and "instaflow")
     tscd,  # noqa: F401  (registers "tscd", "lcm" and "pcm")
 )
