@@ -7,7 +7,9 @@ has the stage's step count and its saved config equals the stage's), an interrup
 from its newest checkpoint, a coupling store is re-verified and kept, finished or not. A stage
 whose config changed after it ran is a one-line error naming the key (remove its directory to
 redo it). ``OUT_DIR/timings.json`` keeps the wall seconds of every coupling and training step that
-did work (``NAME/couple``, ``NAME/train``); ``OUT_DIR/recipe.yaml`` the recipe as run (with overrides).
+did work (``NAME/couple``, ``NAME/train``, ``NAME/encode``); ``OUT_DIR/recipe.yaml`` the recipe as run
+(with overrides). An encode stage writes (or resumes, or re-verifies) its latent cache; every
+process encodes its own shards (rank ``r`` of ``w``: shards ``r, r + w, …``).
 """
 
 from __future__ import annotations
@@ -81,6 +83,44 @@ def run_stage(stage: Stage, timings: Path, progress: bool = True) -> Path:
     return stage.run_dir
 
 
+def run_encode(stage: Stage, timings: Path, progress: bool = True) -> Path:
+    """Run an encode stage: load its tokenizer (a one-line ConfigError when the path holds none),
+    then write, resume or re-verify the latent cache of its dataset; returns the cache directory."""
+    from flowdistill.data.couplings import MANIFEST as CACHE_MANIFEST
+    from flowdistill.data.latent_cache import LatentCache, encode_dataset
+    from flowdistill.data.registry import build_dataset
+    from flowdistill.data.tensor_cache import TensorCacheError
+    from flowdistill.errors import ConfigError
+    from flowdistill.models.latent_codec import load_tokenizer
+
+    opts = stage.encode
+    tok = load_tokenizer(opts["tokenizer"], f"recipe stage '{stage.name}': tokenizer")
+    source = build_dataset(opts["data"], opts["split"])
+    root = stage.run_dir
+    exists = (root / CACHE_MANIFEST).is_file()
+    done = exists and _complete(root)
+    state = PartialState()
+    t0 = time.perf_counter()
+    try:
+        encode_dataset(tok, source, root, data=opts["data"], tokenizer_path=str(opts["tokenizer"]),
+                       mode=opts["mode"], seed=int(opts["seed"]), batch_size=int(opts["batch_size"]),
+                       shard_size=int(opts["shard_size"]), rank=state.process_index,
+                       world=state.num_processes, resume=exists, progress=progress)
+    except TensorCacheError as e:
+        raise ConfigError(f"recipe stage '{stage.name}': {e} (remove {root} to redo it)") from None
+    if not done and state.is_main_process:
+        record_time(timings, f"{stage.name}/encode", time.perf_counter() - t0)
+    LatentCache(root)  # complete and readable
+    return root
+
+
+def _complete(root: Path) -> bool:
+    """Whether the cache at ``root`` is marked complete."""
+    from flowdistill.data.couplings import MANIFEST as CACHE_MANIFEST
+
+    return bool(json.loads((root / CACHE_MANIFEST).read_text()).get("complete"))
+
+
 def run_recipe(path: str | Path, overrides: list[str] | None = None, report: bool = True,
                progress: bool = True, only: list[str] | None = None) -> dict[str, Path]:
     """Run the recipe at ``path`` (with ``key=value`` overrides); returns ``{stage: run directory}``.
@@ -106,6 +146,9 @@ def run_recipe(path: str | Path, overrides: list[str] | None = None, report: boo
 
                 write_report(stage, recipe.out_dir, timings)
             continue
+        if stage.kind == "encode":
+            out[stage.name] = run_encode(stage, timings, progress)
+            continue
         if main:
             atomic_write_text(recipe.out_dir / f"{stage.name}.yaml", to_yaml(stage.job))
         out[stage.name] = run_stage(stage, timings, progress)
@@ -119,6 +162,9 @@ def _as_record(recipe: Recipe) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": s.name, "kind": s.kind}
         if s.job is not None:
             entry["job"] = OmegaConf.to_container(OmegaConf.create(to_yaml(s.job)))
+        elif s.kind == "encode":
+            entry.update({k: v for k, v in s.encode.items() if k != "data"}, out=str(s.run_dir),
+                         data=OmegaConf.to_container(OmegaConf.structured(s.encode["data"])))
         else:
             entry.update(s.report)
         stages.append(entry)

@@ -33,7 +33,18 @@ Overrides (``key=value``) address the recipe: ``out_dir=…``, ``vars.teacher=�
 Stage kinds: ``train`` and ``distill`` run :func:`flowdistill.api.train` (a distiller that trains
 on teacher couplings generates or resumes its store first); ``couple`` only generates couplings;
 ``report`` tabulates the quality of earlier runs (``runs: {label: path}``, ``nfe: {label: [..]}``,
-optional ``straightness``, ``n``, ``seed``; see :mod:`flowdistill.recipes.report`).
+optional ``straightness``, ``n``, ``seed``; see :mod:`flowdistill.recipes.report`); ``encode``
+caches a dataset's latents through a tokenizer run (:mod:`flowdistill.data.latent_cache`)::
+
+      - name: encode
+        kind: encode
+        tokenizer: ${stage:tok}                  # a tokenizer run (its student/) or model directory
+        data: {name: digits, image_size: 32, conditional: true}   # any indexed image dataset
+        encode: {mode: mean, batch_size: 64, shard_size: 512, seed: 0, split: train}   # optional
+        out: runs/my_cache                       # optional; default OUT_DIR/NAME
+
+and a later stage trains on it with ``data: {name: latents, root: ${stage:encode}}`` (``${stage:NAME}``
+of an encode stage is its cache directory).
 """
 
 from __future__ import annotations
@@ -50,9 +61,14 @@ from flowdistill.config import JobConfig, load_config_mapping, read_yaml_file
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.errors import ConfigError
 
-KINDS = ("train", "distill", "couple", "report")
+KINDS = ("train", "distill", "couple", "report", "encode")
 TOP_KEYS = ("out_dir", "vars", "common", "stages")
-STAGE_KEYS = ("name", "kind", "config", "job", "runs", "nfe", "straightness", "n", "seed")
+STAGE_KEYS = ("name", "kind", "config", "job", "runs", "nfe", "straightness", "n", "seed",
+              "tokenizer", "data", "encode", "out")
+#: keys of encode stages only (``stages.NAME.data...`` of other stages is a job key)
+ENCODE_KEYS = ("tokenizer", "data", "encode", "out")
+#: the options of an encode stage's ``encode:`` mapping, with their defaults
+ENCODE_OPTIONS = {"mode": "mean", "batch_size": 64, "shard_size": 1024, "seed": 0, "split": "train"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _REF = re.compile(r"\$\{(stage|recipe):([^}]*)\}")
 
@@ -68,6 +84,7 @@ class Stage:
     job: JobConfig | None = None
     job_yaml: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    encode: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,8 +104,9 @@ class Recipe:
                           f"(stages: {', '.join(s.name for s in self.stages)})")
 
 
-def _stage_override(key: str, names: list[str]) -> tuple[str, str]:
-    """``stages.NAME.rest`` → ``(NAME, path inside the stage)``, job keys prefixed with ``job.``."""
+def _stage_override(key: str, names: list[str], kinds: list[Any] | None = None) -> tuple[str, str]:
+    """``stages.NAME.rest`` → ``(NAME, path inside the stage)``, job keys prefixed with ``job.``
+    (``kinds``: the stages' kinds; encode-stage keys such as ``data`` are job keys elsewhere)."""
     rest = key[len("stages."):]
     name = next((n for n in sorted(names, key=len, reverse=True) if rest == n or rest.startswith(n + ".")),
                 None)
@@ -97,7 +115,9 @@ def _stage_override(key: str, names: list[str]) -> tuple[str, str]:
     inner = rest[len(name) + 1:]
     if not inner:
         raise ConfigError(f"override {key!r} needs a key after the stage name")
-    if inner.split(".")[0] not in STAGE_KEYS:
+    head = inner.split(".")[0]
+    kind = kinds[names.index(name)] if kinds else None
+    if head not in STAGE_KEYS or (head in ENCODE_KEYS and kind != "encode"):
         inner = "job." + inner
     return name, inner
 
@@ -105,6 +125,7 @@ def _stage_override(key: str, names: list[str]) -> tuple[str, str]:
 def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Merge ``key=value`` overrides into the recipe mapping (see the module docstring)."""
     names = [str(s.get("name")) for s in raw.get("stages") or [] if isinstance(s, dict)]
+    kinds = [s.get("kind") for s in raw.get("stages") or [] if isinstance(s, dict)]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -114,7 +135,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
         if key.startswith("stages."):
-            name, inner = _stage_override(key, names)
+            name, inner = _stage_override(key, names, kinds)
             target = raw["stages"][names.index(name)]
         else:
             head = key.split(".")[0]
@@ -210,6 +231,49 @@ def _job_mapping(st: dict[str, Any], common: dict[str, Any], base_dir: Path, run
     return merged
 
 
+def _encode_stage(st: dict[str, Any], subs: dict[str, Any], out_dir: Path) -> Stage:
+    """Check an encode stage: ``tokenizer`` (a path), ``data`` (a registered dataset spec),
+    ``encode`` options (:data:`ENCODE_OPTIONS`) and ``out`` (default ``OUT_DIR/NAME``)."""
+    from flowdistill.config import DataSpec
+    from flowdistill.data.registry import dataset_entry
+
+    name = st["name"]
+    bad = [k for k in st if k not in ("name", "kind", *ENCODE_KEYS)]
+    if bad:
+        raise ConfigError(f"recipe key 'stages.{name}.{bad[0]}': an encode stage takes "
+                          f"{', '.join(ENCODE_KEYS)}")
+    spec = _substitute({k: st.get(k) for k in ENCODE_KEYS}, subs, f"stages.{name}")
+    if not isinstance(spec["tokenizer"], str) or not spec["tokenizer"].strip():
+        raise ConfigError(f"recipe key 'stages.{name}.tokenizer' must name a tokenizer run or model "
+                          f"directory")
+    if not isinstance(spec["data"], dict) or not spec["data"].get("name"):
+        raise ConfigError(f"recipe key 'stages.{name}.data' must be a data spec with a name "
+                          f"(e.g. {{name: digits, image_size: 32}})")
+    try:
+        data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataSpec), spec["data"]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"recipe key 'stages.{name}.data': {str(e).splitlines()[0]}") from None
+    try:
+        if dataset_entry(data.name).kind != "image":
+            raise ConfigError(f"recipe key 'stages.{name}.data.name': {data.name!r} is not an image dataset")
+    except UnknownNameError as e:
+        raise ConfigError(f"recipe key 'stages.{name}.data.name': {e}") from None
+    opts = dict(spec["encode"] or {})
+    unknown = [k for k in opts if k not in ENCODE_OPTIONS]
+    if unknown:
+        raise ConfigError(f"recipe key 'stages.{name}.encode.{unknown[0]}' is unknown; allowed: "
+                          f"{', '.join(ENCODE_OPTIONS)}")
+    opts = {**ENCODE_OPTIONS, **opts}
+    if opts["mode"] not in ("mean", "sample"):
+        raise ConfigError(f"recipe key 'stages.{name}.encode.mode' must be mean or sample, "
+                          f"got {opts['mode']!r}")
+    for k in ("batch_size", "shard_size"):
+        if not isinstance(opts[k], int) or opts[k] < 1:
+            raise ConfigError(f"recipe key 'stages.{name}.encode.{k}' must be a positive integer")
+    run_dir = Path(str(spec["out"])) if spec.get("out") else out_dir / name
+    return Stage(name, "encode", run_dir, encode={"tokenizer": spec["tokenizer"], "data": data, **opts})
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and check a recipe; build every stage's job config (nothing is written).
 
@@ -236,6 +300,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         subs = {"stage": {s.name: s.run_dir for s in stages},
                 "recipe": {**variables, "out_dir": str(out_dir)}, "later": names[i:]}
         run_dir = out_dir / name
+        if kind == "encode":
+            stages.append(_encode_stage(st, subs, out_dir))
+            continue
+        wrong = [k for k in ENCODE_KEYS if k in st]
+        if wrong:
+            raise ConfigError(f"recipe key 'stages.{name}.{wrong[0]}' belongs to encode stages only "
+                              f"(a job's data goes under job:)")
         if kind == "report":
             extra = [k for k in ("config", "job") if st.get(k)]
             if extra:
