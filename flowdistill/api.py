@@ -37,9 +37,18 @@ def _default_params(cfg: JobConfig, num_classes: int, two_time: bool) -> dict[st
     else:
         params.setdefault("in_channels", shape[0])
         params.setdefault("sample_size", shape[-1])
-    params.setdefault("num_classes", num_classes)
-    params["two_time"] = two_time
+    if _model_takes(cfg.model.name, "num_classes"):  # a tokenizer is unconditional and one-time
+        params.setdefault("num_classes", num_classes)
+    if _model_takes(cfg.model.name, "two_time") or two_time:
+        params["two_time"] = two_time
     return params
+
+
+def _model_takes(name: str, key: str) -> bool:
+    """Whether the registered model ``name``'s constructor has the argument ``key``."""
+    import inspect
+
+    return key in inspect.signature(MODELS.get(name).__init__).parameters
 
 
 # -- building -----------------------------------------------------------------------------
