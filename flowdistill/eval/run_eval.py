@@ -115,7 +115,11 @@ class _Labelled:
         return getattr(self._run, name)
 
     def sample(self, n: int, nfe: int, seed: int = 0, **kw: Any) -> torch.Tensor:
-        """The wrapped run's samples, conditioned on the labels."""
+        """The wrapped run's samples, conditioned on the labels (a caller's ``cond=None`` — the
+        image sweep's null label — gives way to them; any other ``cond`` is a conflict)."""
+        if kw.get("cond", None) is not None:
+            raise ValueError("a labelled run's sample() takes no cond: its labels are fixed")
+        kw.pop("cond", None)
         return self._run.sample(n, nfe, seed=seed, cond=class_labels_for(self._run, self._labels, n), **kw)
 
 
