@@ -6,6 +6,10 @@ of sw2, its floor, and sw2 / (a reference's mean sw2 at ``--ref-nfe``) when ``--
 
     OMP_NUM_THREADS=1 python scripts/mdt_eval_seeds.py runs/mdt_checkerboard --nfe 1,2 \
         --ref assets/checkerboard_teacher --ref-nfe 25
+    OMP_NUM_THREADS=1 python scripts/mdt_eval_seeds.py runs/mdt_checkerboard --nfe 2,4 --sampler renoise
+
+``--sampler`` sets an MDT run's multistep sampler (``distiller.sampler``: ``euler`` or ``renoise``)
+for the sweep; the reference run is always sampled as it was trained.
 """
 
 from __future__ import annotations
@@ -18,12 +22,19 @@ from pathlib import Path
 SEEDS = (1234, 1, 2, 3, 4)
 
 
-def sweep(run_dir: str, nfes: list[int], n: int, out_root: Path) -> dict[int, list[dict]]:
-    """``{nfe: [row per seed]}`` for one run (rows as in ``sweep.json``)."""
+def sweep(run_dir: str, nfes: list[int], n: int, out_root: Path,
+          sampler: str | None = None) -> dict[int, list[dict]]:
+    """``{nfe: [row per seed]}`` for one run (rows as in ``sweep.json``); ``sampler`` overrides
+    the run's ``distiller.sampler`` (MDT runs only)."""
     from flowdistill.api import load_run
     from flowdistill.eval.run_eval import evaluate_run
 
     run = load_run(run_dir)
+    if sampler is not None:
+        if not hasattr(run.distiller.cfg, "sampler"):
+            raise SystemExit(f"--sampler: {run_dir} is a {run.distiller.name} run, "
+                             f"whose sampler has no such option")
+        run.distiller.cfg.sampler = sampler
     rows: dict[int, list[dict]] = {k: [] for k in nfes}
     for s in SEEDS:
         out = out_root / str(s)
@@ -46,6 +57,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--ref", default=None, help="reference run (the teacher) for the ratio column")
     ap.add_argument("--ref-nfe", type=int, default=25)
+    ap.add_argument("--sampler", default=None, choices=("euler", "renoise"),
+                    help="MDT multistep sampler for the runs (default: each run's distiller.sampler)")
     a = ap.parse_args()
     nfes = [int(k) for k in a.nfe.split(",")]
     ref = None
@@ -56,11 +69,13 @@ def main() -> None:
     print("| run | NFE | sw2 (5 seeds) | floor | ratio to ref |")
     print("|---|---:|---:|---:|---:|")
     for run_dir in a.runs:
-        rows = sweep(run_dir, nfes, a.n, Path(run_dir) / "eval_seeds")
+        tag = f"eval_seeds_{a.sampler}" if a.sampler else "eval_seeds"
+        rows = sweep(run_dir, nfes, a.n, Path(run_dir) / tag, a.sampler)
         for k in nfes:
             sw2 = [r["sw2"] for r in rows[k]]
             ratio = f"{statistics.mean(sw2) / ref:.3f}" if ref else "—"
-            print(f"| {run_dir} | {k} | {_ms(sw2)} | {_ms([r['sw2_floor'] for r in rows[k]])} | {ratio} |",
+            name = f"{run_dir} ({a.sampler})" if a.sampler else run_dir
+            print(f"| {name} | {k} | {_ms(sw2)} | {_ms([r['sw2_floor'] for r in rows[k]])} | {ratio} |",
                   flush=True)
 
 
