@@ -23,11 +23,13 @@ from flowdistill.models.embeddings import ConditionEmbedding, sinusoidal_embeddi
 from flowdistill.models.mlp import MLPFlowNet
 from flowdistill.models.tokenizer import TokenizerModel
 from flowdistill.models.unet import UNetFlowNet
+from flowdistill.models.video_dit import VideoDiTFlowNet
 
 MODELS: Registry = Registry("model")
 MODELS.register("mlp")(MLPFlowNet)
 MODELS.register("unet")(UNetFlowNet)
 MODELS.register("dit")(DiTFlowNet)
+MODELS.register("video_dit")(VideoDiTFlowNet)
 MODELS.register("tokenizer")(TokenizerModel)
 
 

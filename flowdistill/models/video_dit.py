@@ -1,0 +1,277 @@
+"""``VideoDiTFlowNet``: a DiT over a buffer of frames whose noise level is per frame (StreamDiT).
+
+Input ``x [B, F, C, H, W]`` (frame-major, frame 0 = oldest = cleanest in a streaming buffer),
+per-frame times ``t [B, F]`` (a ``[B]`` t is broadcast to every frame) and, for the two-time
+(flow-map) variant, ``s [B, F]``. Output: the per-frame velocity ``v`` (or average velocity ``u``
+with ``X = x + (s − t)·u`` per frame), same shape as ``x``.
+
+Structure (the image DiT of :mod:`flowdistill.models.dit`, reused block by block):
+
+* tokens: each frame patchified by one stride-``p`` conv, plus the fixed 2-D sin-cos spatial
+  embedding (:func:`~flowdistill.models.dit.sincos_pos_embed_2d`) plus a 1-D sin-cos embedding of
+  the frame's index in the buffer (:func:`sincos_frame_embed`), ``F·(S/p)²`` tokens in all;
+* condition per frame: ``c_f = emb(t_f) [+ emb₂(t_f − s_f)] [+ class]``
+  (:class:`~flowdistill.models.embeddings.ConditionEmbedding` applied to the ``B·F`` times), so
+  ``c [B, F, hidden]``; every block's adaLN-zero shift / scale / gate is computed from ``c_f`` and
+  applies to frame ``f``'s tokens only. All modulation layers and the output projection start at
+  zero, so a fresh net outputs zero; the two-time branch is zero-initialised, so a fresh
+  ``u(x, t, s)`` equals the one-time path ``v(x, t)`` with the same weights (and a two-time student
+  loaded from a one-time teacher starts as the teacher, as in the image DiT);
+* attention over all tokens of the buffer with a frame-level mask ``M [F, F]`` (``M[f, g]`` = tokens
+  of frame ``f`` may attend to tokens of frame ``g``):
+
+  - ``"full"``: every frame sees every frame (no mask; fastest);
+  - ``"window"``: ``|f − g| ≤ window``. StreamDiT reports *shifted* windows (Swin-style: fixed
+    non-overlapping frame windows, shifted by half a window in alternate blocks). We use a
+    *sliding* window instead: every frame gets the same symmetric context wherever it sits in the
+    buffer (no frame sits at a window edge, so no position-dependent seams in the buffer), the
+    receptive field still grows by ``window`` frames per block, and with a boolean mask the cost
+    is the same as shifted windows;
+  - ``"causal"``: ``g ≤ f``. The buffer is ordered oldest → newest, i.e. clean → noisy, so frame
+    ``f`` sees itself and the older, cleaner frames (reference frames included) — the usual causal
+    direction of autoregressive video (Diffusion Forcing, Self-Forcing). The oldest chunk, which
+    is emitted next, then never depends on frames still close to pure noise, and its output does
+    not change when fresh noise enters at the end (which would also allow a KV cache). The other
+    direction (``g ≥ f``: clean frames look at noisier ones) would make the emitted frames depend
+    on noise that is not yet decided.
+
+Attention is ``torch.nn.functional.scaled_dot_product_attention`` with a boolean token mask (none
+for ``"full"``). With ``attn_backend="auto"`` (default) and xformers importable and the input on
+CUDA, ``xformers.ops.memory_efficient_attention`` runs instead with an additive ``−inf`` bias
+(optional, never required); ``"sdpa"`` forces torch. Forward-mode JVPs need the torch path.
+
+CPU speed (measured 2026-12-02 on this repo's 2-core box while ~6 other jobs shared it — load
+average 2.5–9 — so these are upper bounds and noisy; ``OMP_NUM_THREADS=1``, torch 2.14, batch 16,
+32×32×1 frames, patch 4, ``heads = 4``, forward + backward of a mean-square loss, median of 3 after
+one warm-up; ``OMP_NUM_THREADS=1 python -m flowdistill.models.video_dit``):
+
+    frames hidden depth  full      window(2)  causal
+      8     64     3     0.71 s    0.66 s     0.76 s
+      8    128     4     1.94 s    2.07 s     3.21 s
+     16     64     3     3.39 s    6.05 s     7.72 s
+     16    128     4    21.4 s    19.9 s     15.0 s
+
+At 16 frames the buffer has 1024 tokens and attention over all of them dominates; 8-frame buffers
+(512 tokens) are what a CPU training run should use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import Tensor, nn
+
+from flowdistill.models.dit import DiTBlock, DiTFlowNet, _modulate, sincos_pos_embed_2d
+from flowdistill.models.embeddings import ConditionEmbedding, check_x
+
+ATTENTIONS = ("full", "window", "causal")
+BACKENDS = ("auto", "sdpa", "xformers")
+_HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
+
+
+def sincos_frame_embed(dim: int, frames: int) -> Tensor:
+    """1-D sin-cos embedding of the frame index ``[frames, dim]``:
+    ``e[f] = [sin(f·ω_k), cos(f·ω_k)]_k``, ``ω_k = 10000^(−k/(dim/2))`` (``dim`` even)."""
+    half = dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    out = torch.arange(frames, dtype=torch.float64)[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
+
+
+def frame_mask(frames: int, attention: str, window: int = 1, device=None) -> Tensor | None:
+    """Boolean frame-level mask ``M [frames, frames]`` (``M[f, g]``: frame f may attend to frame g).
+
+    ``"full"`` → ``None`` (no mask); ``"window"`` → ``|f − g| ≤ window``; ``"causal"`` → ``g ≤ f``
+    (buffer ordered oldest/cleanest first: a frame sees itself and older frames)."""
+    if attention == "full":
+        return None
+    idx = torch.arange(frames, device=device)
+    diff = idx[:, None] - idx[None, :]  # f - g
+    if attention == "window":
+        return diff.abs() <= window
+    if attention == "causal":
+        return diff >= 0
+    raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+
+
+class VideoDiTBlock(DiTBlock):
+    """:class:`~flowdistill.models.dit.DiTBlock` with per-frame adaLN-zero and masked attention."""
+
+    backend: str = "sdpa"
+
+    def attn(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Multi-head self-attention on tokens ``[B, N, hidden]``; ``mask [N, N]`` bool (True = attend)."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
+        if self.backend == "xformers" and x.is_cuda:
+            import xformers.ops as xops  # optional fast path (CUDA only)
+
+            q, k, v = qkv.unbind(2)  # [B, N, H, D]
+            bias = None
+            if mask is not None:
+                pad = -(-n // 8) * 8  # xformers wants the bias' last dim stored 8-aligned
+                bias = torch.zeros(b, self.heads, n, pad, device=x.device, dtype=q.dtype)[..., :n]
+                bias.masked_fill_(~mask, float("-inf"))
+            out = xops.memory_efficient_attention(q, k, v, attn_bias=bias).reshape(b, n, d)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d)
+        return self.proj(out)
+
+    def forward(self, x: Tensor, c: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """``x [B, F·P, hidden]`` (frame-major tokens), ``c [B, F, hidden]`` (after SiLU), ``mask``
+        ``[F·P, F·P]`` or None. Frame ``f``'s tokens get ``x·(1 + scale_f) + shift_f`` and gate ``g_f``."""
+        b, n, d = x.shape
+        frames = c.shape[1]
+        per = n // frames
+
+        def mod(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+            return _modulate(h.reshape(b * frames, per, d), shift.reshape(b * frames, d),
+                             scale.reshape(b * frames, d)).reshape(b, n, d)
+
+        def gate(g: Tensor, h: Tensor) -> Tensor:
+            return (g[:, :, None] * h.reshape(b, frames, per, d)).reshape(b, n, d)
+
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        x = x + gate(g1, self.attn(mod(self.norm1(x), sh1, sc1), mask))
+        h = mod(self.norm2(x), sh2, sc2)
+        return x + gate(g2, self.fc2(F.gelu(self.fc1(h), approximate="tanh")))
+
+
+def _frame_times(t: Tensor, b: int, frames: int, name: str) -> Tensor:
+    """Validate a time ``[B]`` or ``[B, F]`` and return it as ``[B, F]``."""
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor of shape [B] or [B, F]")
+    if t.ndim == 1 and t.shape[0] == b:
+        return t[:, None].expand(b, frames)
+    if t.ndim == 2 and tuple(t.shape) == (b, frames):
+        return t
+    raise ValueError(f"{name} must have shape [B] = [{b}] or [B, F] = [{b}, {frames}], "
+                     f"got [{', '.join(str(d) for d in t.shape)}]")
+
+
+class VideoDiTFlowNet(ModelMixin, ConfigMixin):
+    """Per-frame velocity ``v(x, t⃗)`` or average velocity ``u(x, t⃗, s⃗)`` on ``x [B, F, C, S, S]``.
+
+    Config: ``sample_size`` (S, 32), ``in_channels`` (1), ``out_channels`` (None = in_channels),
+    ``patch_size`` (4), ``hidden`` (128, divisible by 4 and by ``heads``), ``depth`` (4), ``heads``
+    (4), ``mlp_ratio`` (4.0), ``max_frames`` (32: the largest buffer; the frame embedding table's
+    size), ``attention`` ("full" | "window" | "causal", see the module docstring), ``window``
+    (frames each side for "window", 2), ``two_time`` (False), ``num_classes`` (0), ``time_scale``
+    (1000), ``freq_dim`` (256), ``delta_time_scale`` (None = time_scale), ``attn_backend``
+    ("auto" | "sdpa" | "xformers"; auto = xformers when importable and on CUDA).
+    """
+
+    @register_to_config
+    def __init__(self, sample_size: int = 32, in_channels: int = 1, out_channels: int | None = None,
+                 patch_size: int = 4, hidden: int = 128, depth: int = 4, heads: int = 4,
+                 mlp_ratio: float = 4.0, max_frames: int = 32, attention: str = "full", window: int = 2,
+                 two_time: bool = False, num_classes: int = 0, time_scale: float = 1000.0,
+                 freq_dim: int = 256, delta_time_scale: float | None = None, attn_backend: str = "auto"):
+        super().__init__()
+        if patch_size < 1 or sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} must be divisible by patch_size {patch_size}")
+        if hidden % heads or hidden % 4:
+            raise ValueError(f"hidden {hidden} must be divisible by heads {heads} and by 4")
+        if depth < 1 or max_frames < 1:
+            raise ValueError(f"depth and max_frames must be >= 1, got {depth}, {max_frames}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "window" and window < 0:
+            raise ValueError(f"window must be >= 0 frames, got {window}")
+        if attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
+        if attn_backend == "xformers" and not _HAS_XFORMERS:
+            raise ValueError("attn_backend 'xformers' needs the xformers package")
+        self.grid = sample_size // patch_size
+        self.out_ch = int(out_channels or in_channels)
+        self.patch_embed = nn.Conv2d(in_channels, hidden, patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid), persistent=False)
+        self.register_buffer("frame_embed", sincos_frame_embed(hidden, max_frames), persistent=False)
+        self.cond_embed = ConditionEmbedding(hidden, freq_dim=freq_dim, num_classes=num_classes,
+                                             two_time=two_time, time_scale=time_scale,
+                                             delta_time_scale=delta_time_scale)
+        self.blocks = nn.ModuleList(VideoDiTBlock(hidden, heads, mlp_ratio) for _ in range(depth))
+        use_xf = attn_backend == "xformers" or (attn_backend == "auto" and _HAS_XFORMERS)
+        backend = "xformers" if use_xf else "sdpa"
+        for block in self.blocks:
+            block.backend = backend
+        self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(hidden, 2 * hidden)
+        self.linear_out = nn.Linear(hidden, patch_size * patch_size * self.out_ch)
+        DiTFlowNet._init_weights(self)  # the image DiT's init: zeroed adaLN and output layers
+        self._mask_cache: dict = {}
+
+    def token_mask(self, frames: int, device) -> Tensor | None:
+        """Token mask ``[F·P, F·P]`` expanded from :func:`frame_mask` (cached per size and device)."""
+        cfg = self.config
+        key = (frames, str(device))
+        if key not in self._mask_cache:
+            m = frame_mask(frames, cfg.attention, cfg.window, device=device)
+            if m is not None:
+                per = self.grid * self.grid
+                m = m.repeat_interleave(per, 0).repeat_interleave(per, 1)
+            self._mask_cache[key] = m
+        return self._mask_cache[key]
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        """``x [B, F, C, S, S]``, ``t [B, F]`` or ``[B]``, ``s`` likewise or None, ``cond [B]`` or None."""
+        cfg = self.config
+        size, p = cfg.sample_size, cfg.patch_size
+        check_x(x, f"[B, F <= {cfg.max_frames}, {cfg.in_channels}, {size}, {size}]",
+                x.ndim == 5 and tuple(x.shape[2:]) == (cfg.in_channels, size, size)
+                and 1 <= x.shape[1] <= cfg.max_frames)
+        b, frames = x.shape[:2]
+        tf = _frame_times(t, b, frames, "t").reshape(-1)
+        sf = _frame_times(s, b, frames, "s").reshape(-1) if (cfg.two_time and s is not None) else None
+        labels = cond.repeat_interleave(frames) if isinstance(cond, Tensor) and cond.ndim == 1 \
+            and cond.shape[0] == b else cond
+        c = F.silu(self.cond_embed(tf, sf, labels)).reshape(b, frames, -1)
+        g = self.grid
+        h = self.patch_embed(x.reshape(b * frames, *x.shape[2:])).flatten(2).transpose(1, 2)  # [BF, P, d]
+        h = h + self.pos_embed.to(x.dtype)[None] + self.frame_embed[:frames, None].to(x.dtype).repeat(b, 1, 1)
+        h = h.reshape(b, frames * g * g, -1)
+        mask = self.token_mask(frames, x.device)
+        for block in self.blocks:
+            h = block(h, c, mask)
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        d = h.shape[-1]
+        h = _modulate(self.norm_out(h).reshape(b * frames, g * g, d), shift.reshape(-1, d),
+                      scale.reshape(-1, d))
+        h = self.linear_out(h)  # [BF, P, p*p*C]
+        h = h.reshape(b * frames, g, g, p, p, self.out_ch).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(b, frames, self.out_ch, size, size)
+
+
+def _bench() -> None:
+    """Print forward+backward seconds (batch 16, 32×32, patch 4) for the docstring's table."""
+    import time
+
+    torch.manual_seed(0)
+    rows = []
+    for frames, hidden, depth in [(8, 64, 3), (8, 128, 4), (16, 64, 3), (16, 128, 4)]:
+        row = [frames, hidden, depth]
+        for attention in ATTENTIONS:
+            net = VideoDiTFlowNet(hidden=hidden, depth=depth, heads=4, max_frames=16, attention=attention)
+            for p in net.parameters():  # non-zero output so the backward is the real one
+                p.data.normal_(0, 0.02) if p.ndim > 1 else None
+            x, t = torch.randn(16, frames, 1, 32, 32), torch.rand(16, frames)
+            times = []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                net(x, t).square().mean().backward()
+                times.append(time.perf_counter() - t0)
+            row.append(sorted(times[1:])[1])
+        rows.append(row)
+    print("frames hidden depth  " + "  ".join(ATTENTIONS))
+    for r in rows:
+        print(f"{r[0]:6d} {r[1]:6d} {r[2]:5d}  " + "  ".join(f"{v:.2f} s" for v in r[3:]))
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
+
+
+if __name__ == "__main__":
+    _bench()
