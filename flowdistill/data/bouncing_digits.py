@@ -35,6 +35,7 @@ Registered datasets (``kind="video"``): ``bouncing_digits`` — an infinite exac
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,8 +98,9 @@ def reflect(q: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
     return p, torch.where(back, -1.0, 1.0).to(q.dtype)
 
 
+@functools.lru_cache(maxsize=8)
 def digit_sprites(split: str, digit_size: int) -> tuple[Tensor, Tensor]:
-    """Sprites ``[N, d, d]`` (intensity in [0, 1]) and labels ``[N]`` of a digits split."""
+    """Sprites ``[N, d, d]`` (intensity in [0, 1]) and labels ``[N]`` of a digits split (cached)."""
     from flowdistill.data.digits import digits_tensors, upscale_digits
 
     x, y = digits_tensors(split, 8)
