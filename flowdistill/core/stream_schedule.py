@@ -168,3 +168,44 @@ def sample_training_levels(partitions: Sequence[Partition], weights: Sequence[fl
         t[:, : part.ref] = 0.0
         levels[sel] = t.float()
     return levels.to(device), pid.to(device)
+
+
+WARMUPS = ("clamp", "stretch")
+
+
+def warmup_indices(partition: Partition, step: int, steps_per_call: int = 1, mode: str = "clamp",
+                   generated_refs: bool = True) -> Tensor:
+    """Per-frame (fractional) grid indices ``[B]`` after ``step`` warm-up calls that fill the first
+    buffer from pure noise, ``0 ≤ step ≤ W = N·s / steps_per_call``.
+
+    Every generated frame starts at index ``N·s`` (``t = 1``) and ends at its staircase index
+    ``i_f`` = :func:`buffer_indices` ``(partition, 0)`` (0 for reference frames). ``mode``:
+
+    * ``"clamp"`` (default): ``idx_f(w) = max(i_f, N·s − w·k)`` — all frames walk down the teacher
+      grid together, ``k`` indices per call, each stopping when it reaches its staircase level. Every
+      frame, warm-up ones included, is then integrated along exactly the teacher grid, and a
+      ``k = s`` student's jumps end on grid points (so its distillation target is the same s-step
+      teacher result as in streaming);
+    * ``"stretch"``: ``idx_f(w) = N·s − (N·s − i_f)·w / W`` — every frame moves at its own constant
+      index speed and all reach the staircase at the last call (levels between grid points are
+      interpolated, :func:`levels_at`).
+
+    Reference frames given as context (``generated_refs=False``) stay at index 0.
+    """
+    k = steps_per_call
+    if mode not in WARMUPS:
+        raise ConfigError(f"warmup must be one of {WARMUPS}, got {mode!r}")
+    if not isinstance(k, int) or k < 1 or partition.micro % k:
+        raise ConfigError(f"steps_per_call must divide partition.micro = {partition.micro}, got {k!r}")
+    total = partition.steps // k
+    if not 0 <= step <= total:
+        raise ConfigError(f"warm-up step must lie in [0, {total}], got {step!r}")
+    target = buffer_indices(partition, 0).double()
+    top = float(partition.steps)
+    if mode == "clamp":
+        idx = target.clamp(min=top - step * k)
+    else:
+        idx = top - (top - target) * (step / total)
+    if not generated_refs:
+        idx[: partition.ref] = 0.0
+    return idx
