@@ -64,16 +64,24 @@ def parse_args() -> argparse.Namespace:
 
 
 def encode_cache(tok_dir: str, root: Path) -> Path:
-    """The digits-32 train latents of the tokenizer at ``tok_dir`` (written, resumed or reused)."""
+    """The digits-32 train latents of the tokenizer at ``tok_dir`` (written, resumed or reused),
+    normalised by its own factors, or by measured ones (unit variance) where its config has the
+    defaults 1 and 0 (a tokenizer without stage 2, which writes them)."""
     from flowdistill.data.couplings import MANIFEST
-    from flowdistill.data.latent_cache import encode_dataset
+    from flowdistill.data.latent_cache import encode_dataset, measure_factors, tokenizer_factors
     from flowdistill.data.registry import build_dataset
     from flowdistill.models.latent_codec import load_tokenizer
 
     spec = SimpleNamespace(name="digits", image_size=32, conditional=True, root="", params={})
     tok = load_tokenizer(tok_dir, "--tokenizers")
-    return encode_dataset(tok, build_dataset(spec, "train"), root, data=spec, tokenizer_path=tok_dir,
-                          batch_size=128, shard_size=512, resume=(root / MANIFEST).is_file(), progress=False)
+    source = build_dataset(spec, "train")
+    factors = tokenizer_factors(tok)
+    if factors == (1.0, 0.0):
+        factors = measure_factors(tok, source)
+        print(f"{tok_dir}: no latent statistics in its config; normalising by measured "
+              f"scale {factors[0]:.4f}, shift {factors[1]:.4f}", flush=True)
+    return encode_dataset(tok, source, root, data=spec, tokenizer_path=tok_dir, batch_size=128,
+                          shard_size=512, resume=(root / MANIFEST).is_file(), progress=False, factors=factors)
 
 
 def teacher_config(cache: Path, out: Path, args: argparse.Namespace):
@@ -285,7 +293,9 @@ def main() -> None:
     if args.only_plot:
         plot(json.loads((out / "curves.json").read_text()), Path(args.plot))
         return
-    curves, timings = [], {}
+    old = json.loads((out / "curves.json").read_text()) if (out / "curves.json").is_file() else []
+    curves = [r for r in old if r["tokenizer"] not in toks]  # rows of tokenizers not rerun are kept
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     scorers: dict[str, Scorer] = {}
     for label, tok_dir in toks.items():
         t0 = time.perf_counter()
@@ -304,6 +314,8 @@ def main() -> None:
         cache = out / label / "cache"
         cfg = student_config(cache, out / label / "teacher", out / label / "student", args)
         timings[f"{label}/student"] = round(train_or_resume(cfg), 1)
+        if label not in scorers:
+            scorers[label] = Scorer(cfg.data, args.n, out / "fid_cache")
         rows = student_rows(label, out / label / "teacher", out / label / "student", args, scorers[label])
         (out / "student.json").write_text(json.dumps(rows, indent=1))
         (out / "student.md").write_text(student_table(rows) + "\n")

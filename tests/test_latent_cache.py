@@ -14,7 +14,13 @@ import pytest
 import torch
 
 import flowdistill.data.tensor_cache as tensor_store
-from flowdistill.data.latent_cache import LatentCache, encode_batch, encode_dataset, normalise
+from flowdistill.data.latent_cache import (
+    LatentCache,
+    encode_batch,
+    encode_dataset,
+    measure_factors,
+    normalise,
+)
 from flowdistill.data.registry import (
     build_dataset,
     decoding_for,
@@ -92,6 +98,18 @@ def test_store_equals_direct_encode_and_decodes_back(tmp_path):
         want = tok.decode(z).sample
     assert torch.allclose(decode(got["latents"]), want, atol=1e-5)  # denormalise inverts normalise
     assert decoding_for(SimpleNamespace(name="digits")) is None  # pixel datasets are not decoded
+
+
+def test_measured_factors_give_unit_variance_latents(tmp_path):
+    """A tokenizer without latent statistics (factors 1, 0) is normalised by measured ones."""
+    tok_dir = save_stub(tmp_path / "tok", scaling_factor=1.0, shift_factor=0.0)
+    src = Head(build_dataset(digits_spec(), "train"))
+    factors = measure_factors(load_tokenizer(tok_dir), src, n=N)
+    root = encode(tmp_path, "cache", tok_dir, factors=factors)
+    z = LatentCache(root).get_many(torch.arange(N))["latents"]
+    assert LatentCache(root).factors == factors
+    # over the rows they were measured on: mean 0 and std 1 up to float32 summation error
+    assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1.0) < 1e-5
 
 
 def test_resume_after_crash_is_identical(tmp_path, monkeypatch):

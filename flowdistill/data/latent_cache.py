@@ -83,6 +83,18 @@ def encode_batch(tokenizer: Any, x: Tensor, mode: str = "mean", generator: torch
     return normalise(z.float().cpu(), scale, shift)
 
 
+@torch.no_grad()
+def measure_factors(tokenizer: Any, source: IndexedSource, n: int = 1024,
+                    batch_size: int = 128) -> tuple[float, float]:
+    """``(1 / std z, mean z)`` over the posterior means of the first ``n`` items of ``source``: the
+    factors that give the cached latents zero mean and unit variance (one scalar each, as
+    ``AutoencoderKL``'s ``scaling_factor`` / ``shift_factor``), for a tokenizer whose config holds none."""
+    n = min(int(n), len(source))
+    z = torch.cat([encode_batch(tokenizer, source.get_many(torch.arange(a, min(a + batch_size, n)))["x"],
+                                factors=(1.0, 0.0)) for a in range(0, n, batch_size)])
+    return float(1.0 / z.std()), float(z.mean())
+
+
 def spec_record(spec: Any) -> dict[str, Any]:
     """The JSON record of a data spec (name, image_size, root, conditional, params)."""
     rec = {k: getattr(spec, k, None) for k in SPEC_KEYS}
@@ -94,7 +106,7 @@ def spec_record(spec: Any) -> dict[str, Any]:
 def encode_dataset(tokenizer: Any, source: IndexedSource, root: str | os.PathLike, *, data: Any,
                    tokenizer_path: str = "", mode: str = "mean", seed: int = 0, batch_size: int = 64,
                    shard_size: int = 1024, rank: int = 0, world: int = 1, resume: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, factors: tuple[float, float] | None = None) -> Path:
     """Encode every item of ``source`` (an indexed dataset of images) into a latent cache at ``root``.
 
     ``data``: the data spec ``source`` was built from (recorded, so evaluation finds its real
@@ -102,14 +114,15 @@ def encode_dataset(tokenizer: Any, source: IndexedSource, root: str | os.PathLik
     Labels are stored when the source is conditional. ``rank``/``world``: this process writes
     shards ``rank, rank + world, …``; ``resume`` keeps the complete shards of an existing cache made
     with the same settings (another tokenizer, dataset or option is refused, naming the key).
-    Returns ``root``.
+    ``factors``: ``(scaling_factor, shift_factor)`` to normalise with instead of the tokenizer's own
+    (e.g. :func:`measure_factors`; recorded in the header, which the decoder undoes). Returns ``root``.
     """
     if mode not in MODES:
         raise ConfigError(f"encode mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not isinstance(source, IndexedSource) or len(source) == 0:
         raise ConfigError(f"dataset {getattr(data, 'name', '?')!r} is not a non-empty indexed image dataset; "
                           f"only those can be encoded")
-    scale, shift = tokenizer_factors(tokenizer)
+    scale, shift = tokenizer_factors(tokenizer) if factors is None else (float(factors[0]), float(factors[1]))
     probe = encode_batch(tokenizer, source.get_many(torch.arange(1))["x"], "mean", factors=(scale, shift))
     fields = {"latents": {"shape": list(probe.shape[1:]), "dtype": "float32"}}
     if source.conditional:
@@ -228,4 +241,5 @@ def decoding_of(spec: Any) -> LatentDecoding:
 
 
 __all__ = ["FORMAT", "MODES", "LatentCache", "LatentDecoding", "LatentSource", "decoding_of", "denormalise",
-           "encode_batch", "encode_dataset", "normalise", "open_cache", "spec_record", "tokenizer_factors"]
+           "encode_batch", "encode_dataset", "measure_factors", "normalise", "open_cache", "spec_record",
+           "tokenizer_factors"]
