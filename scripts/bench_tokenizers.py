@@ -31,14 +31,16 @@ CONFIGS = {"ae": ROOT / "configs" / "ae_digits.yaml", "rectok": ROOT / "configs"
 T_VALUES = (0.0, 0.25, 0.5, 0.75)
 
 
-def train_run(kind: str, channels: int, run_dir: Path, steps: int | None) -> float:
-    """Train the tokenizer ``kind`` at ``channels`` into ``run_dir`` (resuming a partial run); seconds."""
+def train_run(kind: str, channels: int, run_dir: Path, steps: int | None, extra: list[str]) -> float:
+    """Train the tokenizer ``kind`` at ``channels`` into ``run_dir`` (resuming a partial run), with
+    config overrides ``extra``; returns the seconds taken."""
     from flowdistill.api import train
     from flowdistill.config import load_config
 
     over = [f"model.params.latent_channels={channels}", f"out_dir={run_dir}"]
     if steps:
         over.append(f"train.steps={steps}")
+    over += extra
     cfg = load_config(CONFIGS[kind], over)
     resume = (run_dir / "checkpoints").is_dir()
     t0 = time.time()
@@ -127,6 +129,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override train.steps of the configs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-train", action="store_true", help="evaluate finished runs only")
+    ap.add_argument("--rectok-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the RecTok runs only (e.g. distiller.semantic.weights=PATH)")
     ap.add_argument("--announce", type=Path, default=None, help="append each finished run dir to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -141,7 +145,7 @@ def main() -> None:
                     print(f"skip {key}: {run_dir} has no exported tokenizer", flush=True)
                     continue
                 print(f"train {key} -> {run_dir}", flush=True)
-                train_run(kind, c, run_dir, args.steps)
+                train_run(kind, c, run_dir, args.steps, args.rectok_set if kind == "rectok" else [])
                 if args.announce:
                     with open(args.announce, "a") as f:
                         f.write(f"{run_dir} ({kind}, C={c}, stage 1)\n")

@@ -211,3 +211,17 @@ def test_resume_equals_uninterrupted(tmp_path):
     c.fit(progress=open("/dev/null", "w"))
     sa, sc = a.distiller.student.state_dict(), c.distiller.student.state_dict()
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_recipe_runs_stage1_then_a_decoder_only_stage2_from_it():
+    """configs/recipes/rectok_digits.yaml: stage 2 starts from stage 1's run (init), trains the decoder
+    alone (distiller.stage 2) with EMA off (so the latent statistics reach the exported student), and
+    a latent-size override reaches both stages."""
+    from flowdistill.recipes.spec import load_recipe
+
+    over = [f"stages.{s}.model.params.latent_channels=32" for s in ("stage1", "stage2")]
+    r = load_recipe(ROOT / "configs" / "recipes" / "rectok_digits.yaml", over)
+    s1, s2 = r.stages
+    assert s1.job.distiller.stage == 1 and s2.job.distiller.stage == 2
+    assert Path(s2.job.init) == s1.run_dir and s2.job.train.ema_decay == 0.0
+    assert s1.job.model.params["latent_channels"] == s2.job.model.params["latent_channels"] == 32
