@@ -35,6 +35,8 @@ shared 2-core box at load ≈ 2.8, so an idle core is faster):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
@@ -95,6 +97,7 @@ class TokenDecoder(nn.Module):
         return self.out(self.norm(h))
 
 
+@dataclass
 class EncoderOutput(BaseOutput):
     """What :meth:`TokenizerModel.encode` returns.
 
