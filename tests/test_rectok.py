@@ -225,3 +225,18 @@ def test_recipe_runs_stage1_then_a_decoder_only_stage2_from_it():
     assert s1.job.distiller.stage == 1 and s2.job.distiller.stage == 2
     assert Path(s2.job.init) == s1.run_dir and s2.job.train.ema_decay == 0.0
     assert s1.job.model.params["latent_channels"] == s2.job.model.params["latent_channels"] == 32
+
+
+def test_patchgan_term_switches_on_at_gan_start():
+    """gan_weight > 0: before gan_start the discriminator group does not update and the student loss has
+    no adversarial term; from gan_start on both are finite and the discriminator gets gradients."""
+    d = make(gan_weight=0.5, gan_start=1)
+    assert [g.name for g in d.optim_groups(1e-3)] == ["student", "disc"]
+    x = digits(8)
+    assert "gan_g" not in d.loss({"x": x}, 0, "student", StepRNG(0, 0))
+    assert not d.loss({"x": x}, 0, "disc", StepRNG(0, 0))["loss"].requires_grad
+    out = d.loss({"x": x}, 1, "student", StepRNG(0, 1))
+    assert torch.isfinite(out["gan_g"]) and "gan_g" in out
+    dl = d.loss({"x": x}, 1, "disc", StepRNG(0, 1))["loss"]
+    dl.backward()
+    assert torch.isfinite(dl) and all(p.grad is not None for p in d.disc.parameters())
