@@ -73,6 +73,8 @@ def encode_cache(tok_dir: str, root: Path) -> Path:
     from flowdistill.models.latent_codec import load_tokenizer
 
     spec = SimpleNamespace(name="digits", image_size=32, conditional=True, root="", params={})
+    if (root / MANIFEST).is_file() and json.loads((root / MANIFEST).read_text()).get("complete"):
+        return root  # a finished cache is kept as made (its manifest records the factors it used)
     tok = load_tokenizer(tok_dir, "--tokenizers")
     source = build_dataset(spec, "train")
     factors = tokenizer_factors(tok)
@@ -155,6 +157,15 @@ class Scorer:
             perm = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:self.n]
             self._floors[seed] = self.metrics(self.train.get_many(perm)["x"], seed)
         return self._floors[seed]
+
+    def recon(self, data, seed: int) -> dict:
+        """rFID: the cached latents of the floor's ``n`` train images, decoded, vs the test split
+        (the best FID a generator on these latents can reach in this protocol)."""
+        from flowdistill.data.registry import build_dataset
+
+        perm = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:self.n]
+        m = self.metrics(self.decode(build_dataset(data).get_many(perm)["x"]), seed)
+        return {"rfid": m["fid"], "rkid": m["kid_mean"], "fid_floor": self.floor(seed)["fid"], "seed": seed}
 
     def score(self, sample, seed: int) -> dict:
         """``sample(n, seed)`` (latents) decoded and scored, with the floor of the same seed."""
@@ -297,6 +308,7 @@ def main() -> None:
     curves = [r for r in old if r["tokenizer"] not in toks]  # rows of tokenizers not rerun are kept
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     scorers: dict[str, Scorer] = {}
+    recon = json.loads((out / "recon.json").read_text()) if (out / "recon.json").is_file() else {}
     for label, tok_dir in toks.items():
         t0 = time.perf_counter()
         cache = encode_cache(tok_dir, out / label / "cache")
@@ -304,6 +316,9 @@ def main() -> None:
         cfg = teacher_config(cache, out / label / "teacher", args)
         timings[f"{label}/teacher"] = round(train_or_resume(cfg), 1)
         scorers[label] = Scorer(cfg.data, args.n, out / "fid_cache")
+        recon[label] = scorers[label].recon(cfg.data, 1000)
+        print(f"{label}: rFID {recon[label]['rfid']:.3f} (floor {recon[label]['fid_floor']:.3f})", flush=True)
+        (out / "recon.json").write_text(json.dumps(recon, indent=1))
         curves += curve(label, out / label / "teacher", args, scorers[label])
         (out / "curves.json").write_text(json.dumps(curves, indent=1))
         (out / "curves.md").write_text(curves_table(curves) + "\n")
