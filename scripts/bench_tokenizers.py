@@ -48,6 +48,19 @@ def train_run(kind: str, channels: int, run_dir: Path, steps: int | None, extra:
     return time.time() - t0
 
 
+def train_stage2(kind: str, channels: int, stage1: Path, run_dir: Path, steps: int) -> None:
+    """Stage 2 (decoder-only fine-tune on clean latents, EMA off: the latent statistics are written)
+    of the stage-1 run ``stage1`` into ``run_dir`` (as configs/recipes/rectok_digits.yaml does)."""
+    from flowdistill.api import train
+    from flowdistill.config import load_config
+
+    over = [f"model.params.latent_channels={channels}", f"out_dir={run_dir}", "distiller.stage=2",
+            f"init={stage1}", f"train.steps={steps}", "train.lr=5.0e-4", "train.warmup_steps=0",
+            "train.ema_decay=0.0"]
+    cfg = load_config(CONFIGS[kind], over)
+    train(cfg, resume=(run_dir / "checkpoints").is_dir(), on_plot=lambda trainer, step: None)
+
+
 def train_seconds(run_dir: Path) -> float | None:
     """The run's recorded training time (last ``elapsed_s`` of metrics.jsonl)."""
     f = run_dir / "metrics.jsonl"
@@ -106,7 +119,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(chans), figsize=(3.2 * len(chans), 3), sharey=True, squeeze=False)
     for ax, c in zip(axes[0], chans, strict=True):
         for r in results.values():
-            if r["channels"] == c:
+            if r["channels"] == c and r["kind"] in ("ae", "rectok"):  # stage 2 keeps the encoder: same probe
                 ax.plot(T_VALUES, [r["probe"][str(t)] for t in T_VALUES], marker="o",
                         label={"ae": "plain AE", "rectok": "RecTok"}[r["kind"]])
         ax.set_title(f"C = {c} (64 tokens)")
@@ -131,6 +144,9 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="evaluate finished runs only")
     ap.add_argument("--rectok-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the RecTok runs only (e.g. distiller.semantic.weights=PATH)")
+    ap.add_argument("--stage2", type=int, default=0, metavar="STEPS",
+                    help="also fine-tune each run's decoder for STEPS steps (stage 2) and evaluate it")
+    ap.add_argument("--reeval", action="store_true", help="evaluate runs already in OUT/results.json again")
     ap.add_argument("--announce", type=Path, default=None, help="append each finished run dir to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -149,12 +165,31 @@ def main() -> None:
                 if args.announce:
                     with open(args.announce, "a") as f:
                         f.write(f"{run_dir} ({kind}, C={c}, stage 1)\n")
-            print(f"eval {key}", flush=True)
-            r = evaluate(run_dir, args.seeds)
-            results[key] = {"kind": kind, "channels": c, "run_dir": str(run_dir),
-                            "train_s": train_seconds(run_dir), **r}
-            res_file.write_text(json.dumps(results, indent=2) + "\n")
-            print(json.dumps(results[key]), flush=True)
+            if key not in results or args.reeval:
+                print(f"eval {key}", flush=True)
+                r = evaluate(run_dir, args.seeds)
+                results[key] = {"kind": kind, "channels": c, "run_dir": str(run_dir),
+                                "train_s": train_seconds(run_dir), **r}
+                res_file.write_text(json.dumps(results, indent=2) + "\n")
+                print(json.dumps(results[key]), flush=True)
+            if args.stage2 > 0:
+                key2, dir2 = f"{kind}+s2_c{c}", args.runs / f"tok_{kind}_c{c}_s2"
+                if not (dir2 / "student" / "config.json").is_file():
+                    if args.no_train:
+                        continue
+                    print(f"train {key2} -> {dir2}", flush=True)
+                    train_stage2(kind, c, run_dir, dir2, args.stage2)
+                    if args.announce:
+                        with open(args.announce, "a") as f:
+                            f.write(f"{dir2} ({kind}, C={c}, stage 1 + stage 2 ({args.stage2} steps))\n")
+                if key2 in results and not args.reeval:
+                    continue
+                print(f"eval {key2}", flush=True)
+                r = evaluate(dir2, args.seeds)
+                results[key2] = {"kind": f"{kind}+s2", "channels": c, "run_dir": str(dir2),
+                                 "train_s": train_seconds(dir2), **r}
+                res_file.write_text(json.dumps(results, indent=2) + "\n")
+                print(json.dumps(results[key2]), flush=True)
     (args.out / "table.md").write_text(table(results))
     plot(results, args.out / "probe_vs_t.png")
     print(table(results))
