@@ -38,6 +38,7 @@ from flowdistill.cli_pipeline import (
     cmd_sample_pipeline,
     pipeline_student,
 )
+from flowdistill.cli_stream import add_stream_command, cmd_stream
 from flowdistill.core.registry import UnknownNameError
 from flowdistill.errors import FlowDistillError
 from flowdistill.plugins import load_plugins
@@ -516,6 +517,7 @@ def build_parser(full_embed: bool = False) -> argparse.ArgumentParser:
                     help="pipeline runs: skip sampling the export against the run's own sampler")
 
     add_embed_command(sub, [plugin], full=full_embed)
+    add_stream_command(sub, [plugin])
 
     sp = sub.add_parser("demo", parents=[plugin], help="the default job on a built-in problem")
     sp.add_argument("--out", default="runs/demo", help="demo run directory (replaced each time)")
@@ -566,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_export(args)
         elif args.command == "embed":
             cmd_embed(args)
+        elif args.command == "stream":
+            cmd_stream(args)
         elif args.command == "demo":
             _cmd_demo(args)
     except FlowDistillError as e:

@@ -6,6 +6,7 @@ from flowdistill.distillers import (
     mdt,  # noqa: F401  (registers)
     rectok,  # noqa: F401  (registers)
     reflow,  # noqa: F401  (registers "reflow" and "instaflow")
+    streamdit,  # noqa: F401  (registers "streamdit" and "streamdit_distill")
     tscd,  # noqa: F401  (registers "tscd", "lcm" and "pcm")
 )
 from flowdistill.distillers.base import (

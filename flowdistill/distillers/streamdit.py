@@ -1,0 +1,456 @@
+"""StreamDiT: buffered flow matching over a moving window of frames and its distillation
+(arXiv 2507.03745, METHODS.md §5), in the project's convention (``t`` = noise level, generation
+``1 → 0``, ``X(x, t, s) = x + (s − t)·u(x, t, s)``, clips ``[B, F, C, H, W]``, per-frame times
+``[B, F]``).
+
+**Buffer.** ``B = K + N·c`` frames: ``K`` clean reference frames (the most recently emitted, at
+``t = 0``), then ``N`` chunks of ``c`` frames, oldest first. Levels live on the indices of the
+teacher's ``N·s``-step grid ``0 = g_0 < … < g_{N·s} = 1`` (optionally shifted,
+``grid_shift``): at micro-step ``m = 0..s−1`` chunk ``j`` (``0`` = oldest, nearest output, least
+noisy) sits at ``g[j·s + (s − m)]``; after ``s`` calls chunk 0 reaches ``g_0 = 0`` and is
+emitted. (METHODS.md writes ``(N−1−j)·s + m``, which counts from ``t = 1``; see
+docs/streamdit.md, "Chunk indexing".) The schedule itself — partitions, grids, per-frame levels,
+their training distribution — is :mod:`flowdistill.core.stream_schedule`; the streaming sampler
+is :mod:`flowdistill.core.streaming`. This file holds only the two losses.
+
+**Teacher** (``streamdit``): buffered flow matching. Per frame ``f`` with level ``t_f``,
+
+    X_t,f = (1 − t_f)·X_f + t_f·E_f,    L = mean_{f ≥ K} ‖v_θ(X_t, t⃗)_f − (E_f − X_f)‖²,
+
+with ``t⃗`` drawn by :func:`~flowdistill.core.stream_schedule.sample_training_levels` from the
+config's partition mix (``partitions: [[c, s], ...]``, ``partition_weights``), jittered within
+each frame's micro-step interval so training covers continuous ``t`` between grid points.
+Reference frames enter clean (``t = 0``, ``E`` unused) and are left out of the loss
+(``ref_loss_weight = 0``): their target at ``t = 0`` is ``E − X`` with ``E`` pure noise the net
+cannot predict from a clean frame, so the term would only teach the net to output the mean
+noise, ``0``, and never matters to sampling, where ``t = 0`` frames are never moved.
+The limiting cases are partitions: one chunk ``[B − K, s]`` (all non-reference frames at one
+level: ordinary full-sequence flow matching, conditioned on ``K`` clean frames),
+``[1, 1]`` (diagonal / rolling diffusion), one partition, or a mix (the default).
+
+**Student** (``streamdit_distill``): a two-time VideoDiT started from the teacher
+(``u(x, t, s) = v(x, t)`` at initialisation) covers each chunk's ``s`` micro-steps in one call, so
+a pass costs ``N`` calls instead of ``N·s``. For the distilled partition, the state is the buffer
+at micro-step ``m = 0`` (chunk ``j`` at ``t_j = g[j·s + s]``) and the target is the teacher's own
+``s`` Euler micro-steps from it, all chunks at once, to ``s_j = g[j·s]``:
+
+    X_T = Euler_teacher^{s}(X_t),     u* = (X_T − X_t)/(s⃗ − t⃗)  (per frame),
+    L   = mean_{f ≥ K} ‖u_θ(X_t, t⃗, s⃗)_f − sg(u*_f)‖².
+
+The regression is in average-velocity units (``‖·‖/|s − t|`` of the state error), so chunks with a
+short interval weigh as much as long ones, and at initialisation the residual is the teacher's own
+curvature over the interval (small). States (``states``):
+
+* ``"data"`` (default): real clips noised at the staircase levels, ``X_t,f = (1 − t_f)·X_f +
+  t_f·E_f``. For an exact teacher this *is* the distribution of the streaming sampler's buffer at
+  ``m = 0``: the per-frame path factorises, so ``∂_τ_f p_τ = −∇_f·(p_τ v_f)`` for every frame
+  separately and any per-frame schedule (the staircase, the shift, fresh noise entering at
+  ``t = 1``) transports the noised-data marginal to itself. It costs ``s`` teacher calls per step
+  and no rollout.
+* ``"teacher"``: buffers taken from the teacher's own streaming sampler (a pool of ``pool_size``
+  streams, advanced one pass every ``pool_refresh`` steps), i.e. the states sampling meets,
+  teacher errors included. Costs a rollout; measured against ``"data"`` in docs/streamdit.md.
+
+Sampling (both): :class:`~flowdistill.core.streaming.StreamingSampler` on the sampling partition
+(``sample_partition``; the teacher advances one grid index per call, the student ``s``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from flowdistill.core.losses import premetric
+from flowdistill.core.rng import StepRNG
+from flowdistill.core.stream_schedule import (
+    Partition,
+    buffer_levels,
+    levels_at,
+    partition_grid,
+    sample_training_levels,
+    warmup_indices,
+)
+from flowdistill.core.streaming import StreamingSampler
+from flowdistill.distillers.base import Distiller, DistillerConfig, check_names, register_distiller
+from flowdistill.errors import ConfigError
+
+STATES = ("data", "teacher")
+
+
+def _default_partitions() -> list[list[int]]:
+    return [[2, 2], [1, 1], [4, 4], [8, 1]]
+
+
+@dataclass
+class StreamDiTConfig(DistillerConfig):
+    """Buffered flow matching (the teacher); see the module docstring for the maths."""
+
+    name: str = "streamdit"
+    buffer_frames: int = 10  # B = ref_frames + N·c; data.params.frames must equal it
+    ref_frames: int = 2  # K clean reference frames at t = 0
+    partitions: list[list[int]] = field(default_factory=_default_partitions)  # [c, s] each
+    partition_weights: list[float] = field(default_factory=list)  # empty: uniform
+    grid_shift: float = 1.0  # shift of the teacher's N·s-step grid (1 = uniform)
+    jitter: bool = True  # levels uniform within each frame's micro-step interval
+    ref_loss_weight: float = 0.0  # weight of the reference frames' loss at t = 0 (0: excluded)
+    warmup_share: float = 0.15  # share of the batch at the sampler's warm-up levels (cold start)
+    loss: str = "l2"
+    sample_partition: list[int] = field(default_factory=list)  # [c, s] streamed; empty: the first
+
+    def validate(self) -> None:
+        """Partitions must tile the buffer; every value in range; each error names its key."""
+        check_names(loss=self.loss)
+        if self.ref_frames < 0 or self.buffer_frames <= self.ref_frames:
+            raise ConfigError(f"distiller.buffer_frames ({self.buffer_frames}) must exceed "
+                              f"distiller.ref_frames ({self.ref_frames}) >= 0")
+        if not self.partitions:
+            raise ConfigError("distiller.partitions must list at least one [chunk, micro_steps] pair")
+        for p in self.partitions:
+            self._check_pair(list(p), "distiller.partitions")
+        if self.partition_weights and (len(self.partition_weights) != len(self.partitions)
+                                       or any(w < 0 for w in self.partition_weights)
+                                       or not sum(self.partition_weights) > 0):
+            raise ConfigError(f"distiller.partition_weights must be {len(self.partitions)} non-negative "
+                              f"numbers with a positive sum (one per partition), got "
+                              f"{list(self.partition_weights)}")
+        if not self.grid_shift > 0:
+            raise ConfigError(f"distiller.grid_shift must be positive, got {self.grid_shift}")
+        if self.ref_loss_weight < 0:
+            raise ConfigError(f"distiller.ref_loss_weight must be >= 0, got {self.ref_loss_weight}")
+        if not 0.0 <= self.warmup_share <= 1.0:
+            raise ConfigError(f"distiller.warmup_share must be in [0, 1], got {self.warmup_share}")
+        if self.sample_partition:
+            self._check_pair(list(self.sample_partition), "distiller.sample_partition")
+
+    def _check_pair(self, pair: list[int], key: str) -> None:
+        """``[c, s]`` with ``c`` dividing ``B − K`` and ``s >= 1``."""
+        free = self.buffer_frames - self.ref_frames
+        if len(pair) != 2 or int(pair[0]) < 1 or int(pair[1]) < 1 or free % int(pair[0]):
+            raise ConfigError(f"{key}: {pair} must be [chunk, micro_steps], both >= 1, with chunk dividing "
+                              f"buffer_frames - ref_frames = {free}")
+
+    def partition(self, pair: list[int]) -> Partition:
+        """The :class:`Partition` of ``[c, s]`` in this buffer (``N = (B − K)/c``)."""
+        c, s = int(pair[0]), int(pair[1])
+        return Partition(ref=self.ref_frames, chunks=(self.buffer_frames - self.ref_frames) // c, chunk=c,
+                         micro=s)
+
+    def partition_list(self) -> list[Partition]:
+        """Every training partition."""
+        return [self.partition(p) for p in self.partitions]
+
+    def sampling_partition(self) -> Partition:
+        """The partition the sampler streams with (``sample_partition``, else the first)."""
+        return self.partition(list(self.sample_partition) or list(self.partitions[0]))
+
+
+@dataclass
+class StreamDiTDistillConfig(StreamDiTConfig):
+    """Distillation of one partition's ``s`` micro-steps into one student call."""
+
+    name: str = "streamdit_distill"
+    partitions: list[list[int]] = field(default_factory=lambda: [[2, 2]])  # the ONE distilled [c, s]
+    states: str = "data"  # data | teacher (see the module docstring)
+    pool_size: int = 64  # states="teacher": streams kept in the pool
+    pool_refresh: int = 20  # states="teacher": steps between advancing the pool one pass
+    teacher_solver: str = "euler"  # the teacher's micro-step solver (the sampler's)
+
+    def validate(self) -> None:
+        """As the teacher's, plus: exactly one partition; a known state source."""
+        super().validate()
+        if len(self.partitions) != 1:
+            raise ConfigError(f"distiller.partitions of streamdit_distill must hold exactly one [chunk, "
+                              f"micro_steps] (the distilled partition), got {list(self.partitions)}")
+        if self.states not in STATES:
+            raise ConfigError(f"distiller.states must be one of {', '.join(STATES)}, got {self.states!r}")
+        if self.pool_size < 1 or self.pool_refresh < 1:
+            raise ConfigError("distiller.pool_size and distiller.pool_refresh must be >= 1")
+        check_names(solver=self.teacher_solver)
+
+
+def per_frame_loss(metric, pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_f w_f·d(pred_f, target_f) / Σ_f w_f`` over the batch: the premetric ``d`` applied frame
+    by frame (``pred, target [B, F, ...]``, ``weights [B, F]``), averaged with the frame weights."""
+    b, f = pred.shape[:2]
+    d = metric(pred.reshape(b * f, *pred.shape[2:]), target.reshape(b * f, *target.shape[2:])).reshape(b, f)
+    return (d * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+class _StreamingMixin:
+    """Streaming for both distillers: the sampler on the sampling partition."""
+
+    cfg: StreamDiTConfig
+    student_two_time: bool
+
+    def grid_of(self, part: Partition) -> Tensor:
+        """The (shifted) ``N·s``-step grid of ``part``, ascending from 0."""
+        return partition_grid(part, shift=self.cfg.grid_shift)
+
+    def sampler(self, model: nn.Module, part: Partition | None = None,
+                teacher_steps: bool = False) -> StreamingSampler:
+        """A :class:`StreamingSampler` for ``model`` on ``part`` (default the sampling partition).
+
+        A two-time student covers a chunk's ``s`` micro-steps in one call (``steps_per_call = s``)
+        unless ``teacher_steps``: then it steps grid index by grid index (``N·s`` calls a pass),
+        jumping ``g_{i+1} → g_i`` each call."""
+        part = part or self.cfg.sampling_partition()
+        two_time = bool(self.student_two_time)
+        steps = part.micro if two_time and not teacher_steps else 1
+        return StreamingSampler(model, part, grid=self.grid_of(part), steps_per_call=steps, two_time=two_time)
+
+    def streaming_partition(self, pair: list[int] | tuple[int, int] | None = None) -> Partition:
+        """The partition ``[c, s]`` of this buffer (checked: ``c`` divides ``B − K``), default the
+        sampling partition. Any partition may be streamed; one outside the training mix is out of
+        the distribution the net learned (a distilled student: only its own ``c``, any ``s``
+        only with ``teacher_steps``)."""
+        if pair is None:
+            return self.cfg.sampling_partition()
+        self.cfg._check_pair(list(pair), "the streamed partition")
+        return self.cfg.partition(list(pair))
+
+    @torch.no_grad()
+    def stream(self, n: int, num_frames: int, generator: torch.Generator, model: nn.Module | None = None,
+               teacher_steps: bool = False, callback=None,
+               partition: list[int] | tuple[int, int] | None = None) -> tuple[Tensor, StreamingSampler]:
+        """Stream ``num_frames`` frames for ``n`` independent clips (on ``partition`` ``[c, s]``,
+        default the sampling partition); returns the clips ``[n, num_frames, C, H, W]`` and the
+        sampler (its ``nfe`` / ``frames_emitted`` counters)."""
+        net = model if model is not None else self.student  # type: ignore[attr-defined]
+        smp = self.sampler(net, self.streaming_partition(partition), teacher_steps=teacher_steps)
+        return smp.stream(n, num_frames, generator, callback=callback), smp
+
+    def _stream_sample(self, noise: Tensor, model: nn.Module) -> Tensor:
+        """:meth:`Distiller.sample` for video: stream ``F = noise.shape[1]`` frames per clip. The
+        sampler draws its own noise frame by frame; ``noise`` fixes the seed (from its bits), so
+        the same noise gives the same clips."""
+        seed = int(noise.flatten()[:16].double().mul(1e6).round().abs().sum().item()) % (2**31 - 1)
+        g = torch.Generator().manual_seed(seed)
+        smp = self.sampler(model)
+        return smp.stream(noise.shape[0], noise.shape[1], g).to(noise.device, noise.dtype)
+
+
+@register_distiller("streamdit")
+class StreamDiT(_StreamingMixin, Distiller):
+    """Buffered flow matching over per-frame noise levels (trains the streaming teacher)."""
+
+    Config = StreamDiTConfig
+    needs_data = True
+    needs_teacher = False
+    sample_options = {}
+    eval_nfe = (1,)
+
+    def __init__(self, cfg: StreamDiTConfig, student: nn.Module, teacher: nn.Module | None = None, *,
+                 inference_only: bool = False):
+        super().__init__(cfg, student, teacher, inference_only=inference_only)
+        self.premetric = premetric(cfg.loss)
+        self.parts = cfg.partition_list()
+        self.weights = list(cfg.partition_weights) or [1.0] * len(self.parts)
+
+    def _check_clip(self, x: Tensor) -> None:
+        """A clip of ``buffer_frames`` frames ``[B, F, C, H, W]``."""
+        if x.ndim != 5 or x.shape[1] != self.cfg.buffer_frames:
+            k = self.cfg.buffer_frames
+            raise ConfigError(f"streamdit trains on clips [B, distiller.buffer_frames={k}, C, H, W]; got "
+                              f"{list(x.shape)} (set data.params.frames={k})")
+
+    def frame_weights(self, t: Tensor) -> Tensor:
+        """Loss weight per frame ``[B, F]`` from the levels ``t``: 1, except ``ref_loss_weight`` on
+        reference frames at ``t = 0`` (a reference frame above 0 is being generated: warm-up)."""
+        w = torch.ones_like(t)
+        k = self.cfg.ref_frames
+        w[:, :k] = torch.where(t[:, :k] > 0, w[:, :k], torch.full_like(t[:, :k], self.cfg.ref_loss_weight))
+        return w
+
+    def warmup_levels(self, part: Partition, step: float, steps_per_call: int = 1) -> Tensor:
+        """Levels ``[B]`` after ``step`` (fractional: between calls) warm-up calls of the sampler
+        without context (``"clamp"``: every frame, the generated references included, walks down
+        the grid from ``t = 1``, ``steps_per_call`` indices a call, and stops at its staircase
+        level; :func:`~flowdistill.core.stream_schedule.warmup_indices`)."""
+        grid = self.grid_of(part).double()
+        lo = int(step)
+        i0 = warmup_indices(part, lo, steps_per_call, "clamp", True)
+        if step > lo:
+            i1 = warmup_indices(part, lo + 1, steps_per_call, "clamp", True)
+            i0 = i0 + (step - lo) * (i1 - i0)
+        return levels_at(grid, i0).float()
+
+    def training_levels(self, b: int, rng: StepRNG) -> tuple[Tensor, Tensor]:
+        """Per-frame levels ``[b, B]`` and partition ids ``[b]`` of this step (global-batch draws,
+        sliced to this process): the staircase of the partition mix
+        (:func:`~flowdistill.core.stream_schedule.sample_training_levels`), and for a share
+        ``warmup_share`` the levels of the sampler's warm-up from pure noise (a uniform warm-up
+        call, jittered between calls), so a stream can start without context."""
+        n = b * rng.world
+        levels, pid = sample_training_levels(self.parts, self.weights, n, self.cfg.grid_shift,
+                                             rng.generator(), jitter=self.cfg.jitter)
+        if self.cfg.warmup_share > 0:
+            g = rng.generator()
+            warm = torch.rand(n, generator=g) < self.cfg.warmup_share
+            pos = torch.rand(n, generator=g)
+            for i in warm.nonzero(as_tuple=True)[0].tolist():
+                part = self.parts[int(pid[i])]
+                w = float(pos[i]) * part.steps  # warm-up call w in [0, N·s), fraction = jitter
+                levels[i] = self.warmup_levels(part, w if self.cfg.jitter else float(int(w)))
+        return rng.slice(levels), rng.slice(pid)
+
+    def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
+        """Per-frame flow matching at the staircase levels (module docstring)."""
+        x = batch["x"]
+        self._check_clip(x)
+        b = x.shape[0]
+        t, pid = self.training_levels(b, rng)
+        t = t.to(x.device, x.dtype)
+        eps = rng.randn(b, *x.shape[1:]).to(x.device, x.dtype)
+        tt = t[:, :, None, None, None]
+        x_t = (1 - tt) * x + tt * eps
+        v = self.net("student")(x_t, t, cond=batch.get("cond"))
+        loss = per_frame_loss(self.premetric, v, eps - x, self.frame_weights(t))
+        out = {"loss": loss}
+        for i, part in enumerate(self.parts):  # logged per partition (no gradient)
+            sel = pid == i
+            if bool(sel.any()) and len(self.parts) > 1:
+                with torch.no_grad():
+                    out[f"loss_c{part.chunk}s{part.micro}"] = per_frame_loss(
+                        self.premetric, v[sel], (eps - x)[sel], self.frame_weights(t[sel]))
+        return out
+
+    def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module) -> Tensor:
+        """Stream ``noise.shape[1]`` frames with the sampling partition (``nfe`` is fixed by the
+        partition: ``N·s`` calls per pass for the teacher, ``N`` for the student)."""
+        return self._stream_sample(noise, model)
+
+
+@register_distiller("streamdit_distill")
+class StreamDiTDistill(StreamDiT):
+    """A two-time student covering each chunk's ``s`` micro-steps in one call (module docstring)."""
+
+    Config = StreamDiTDistillConfig
+    needs_data = True
+    needs_teacher = True
+    student_two_time = True
+
+    def __init__(self, cfg: StreamDiTDistillConfig, student: nn.Module, teacher: nn.Module | None = None, *,
+                 inference_only: bool = False):
+        super().__init__(cfg, student, teacher, inference_only=inference_only)
+        scfg = getattr(student, "config", None)
+        if scfg is not None and not getattr(scfg, "two_time", True):
+            raise ConfigError("streamdit_distill needs a two-time student u(x, t, s) (model two_time=true)")
+        self.part = self.parts[0]
+        self._pool: Tensor | None = None  # states="teacher": the pool of buffers at m = 0
+
+    def micro_levels(self) -> Tensor:
+        """Per-frame levels ``[s + 1, B]`` of one streaming interval: micro-steps ``m = 0..s``
+        (``m = s``: chunk ``j`` at ``g[j·s]``, the oldest at 0, ready to emit)."""
+        grid = self.grid_of(self.part)
+        return torch.stack([buffer_levels(self.part, grid, m) for m in range(self.part.micro + 1)])
+
+    def warmup_segment(self, w: int) -> Tensor:
+        """Per-frame levels ``[s + 1, B]`` of the student's warm-up call ``w`` (``0 ≤ w < N``): the
+        teacher's warm-up calls ``w·s .. w·s + s`` (a student call covers ``s`` of them)."""
+        s = self.part.micro
+        return torch.stack([self.warmup_levels(self.part, float(w * s + r)) for r in range(s + 1)])
+
+    def segments(self, b: int, rng: StepRNG) -> Tensor:
+        """Level sequences ``[b, s + 1, B]`` of this step's samples: the streaming interval, or for a
+        share ``warmup_share`` a uniform warm-up call of the student (global-batch draws, sliced)."""
+        n = b * rng.world
+        seq = self.micro_levels()[None].repeat(n, 1, 1)
+        if self.cfg.warmup_share > 0:
+            g = rng.generator()
+            warm = torch.rand(n, generator=g) < self.cfg.warmup_share
+            which = torch.randint(self.part.chunks, (n,), generator=g)
+            for i in warm.nonzero(as_tuple=True)[0].tolist():
+                seq[i] = self.warmup_segment(int(which[i]))
+        return rng.slice(seq)
+
+    @torch.no_grad()
+    def teacher_target(self, x_t: Tensor, levels: Tensor, cond: Tensor | None) -> Tensor:
+        """The teacher's ``s`` Euler micro-steps along ``levels [b, s + 1, B]`` (or ``[s + 1, B]``),
+        all chunks at once: ``x ← x + (t_{m+1} − t_m)·v_T(x, t_m)`` per frame (frames whose level
+        does not change, the references, do not move)."""
+        b = x_t.shape[0]
+        lv = levels.to(x_t.device, x_t.dtype)
+        lv = lv[None].expand(b, -1, -1) if lv.ndim == 2 else lv
+        x = x_t
+        for m in range(lv.shape[1] - 1):
+            dt = bcast_frames(lv[:, m + 1] - lv[:, m], x)
+            x = x + dt * self.teacher(x, lv[:, m], cond=cond)
+        return x
+
+    def start_states(self, x: Tensor, t: Tensor, rng: StepRNG) -> Tensor:
+        """Real clips noised at the per-frame levels ``t [b, B]`` (``states="data"``)."""
+        eps = rng.randn(x.shape[0], *x.shape[1:]).to(x.device, x.dtype)
+        tt = bcast_frames(t.to(x.device, x.dtype), x)
+        return (1 - tt) * x + tt * eps
+
+    def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
+        """``‖u_θ(X_t, t⃗, s⃗) − (X_T − X_t)/(s⃗ − t⃗)‖²`` on the frames that move (module docstring)."""
+        x = batch["x"]
+        self._check_clip(x)
+        cond = batch.get("cond")
+        b = x.shape[0]
+        seq = self.segments(b, rng).to(x.device, x.dtype)  # [b, s + 1, B]
+        t, s = seq[:, 0], seq[:, -1]
+        if self.cfg.states == "data":
+            x_t = self.start_states(x, t, rng)
+        else:
+            x_t = self._pool_states(x, step, rng)
+            seq = self.micro_levels()[None].expand(b, -1, -1).to(x)
+            t, s = seq[:, 0], seq[:, -1]
+        x_target = self.teacher_target(x_t, seq, cond)
+        gap = s - t
+        safe = torch.where(gap.abs() > 0, gap, torch.ones_like(gap))  # frames that stay: s = t
+        u_target = (x_target - x_t) / bcast_frames(safe, x_t)
+        u = self.net("student")(x_t, t, s, cond=cond)
+        weights = self.frame_weights(t) * (gap != 0)  # a frame that stays (u(x, t, t) = v) is no target
+        loss = per_frame_loss(self.premetric, u, u_target, weights)
+        with torch.no_grad():  # the state error of one student call vs the teacher's s micro-steps
+            x_student = x_t + bcast_frames(gap, x_t) * u
+            err = per_frame_loss(self.premetric, x_student, x_target, weights)
+        return {"loss": loss, "x_err": err}
+
+    @torch.no_grad()
+    def _pool_states(self, x: Tensor, step: int, rng: StepRNG) -> Tensor:
+        """``states="teacher"``: ``len(x)`` buffers drawn from a pool of the teacher's streaming
+        buffers at micro-step 0, advanced one pass (``s`` teacher calls and a shift) every
+        ``pool_refresh`` steps; started from noised real clips and run ``N`` passes first, so the
+        pool holds the teacher's own frames."""
+        if self._pool is None:
+            g = torch.Generator().manual_seed(int(rng.seed) * 7919 + 17)
+            idx = torch.randint(x.shape[0], (self.cfg.pool_size,), generator=g)
+            t = bcast_frames(self.micro_levels()[0].expand(self.cfg.pool_size, -1).to(x), x[idx])
+            noise = torch.randn(self.cfg.pool_size, *x.shape[1:], generator=g).to(x.device, x.dtype)
+            self._pool = (1 - t) * x[idx] + t * noise
+            self._pool_gen = g
+            for _ in range(self.part.chunks):
+                self._advance_pool()
+        elif step % self.cfg.pool_refresh == 0:
+            self._advance_pool()
+        pick = rng.randint(self._pool.shape[0], x.shape[0]).to(self._pool.device)
+        return self._pool[pick]
+
+    def _advance_pool(self) -> None:
+        """One teacher pass on the pool: ``s`` micro-steps, emit the oldest chunk (it becomes
+        reference), shift, fresh noise at ``t = 1`` enters."""
+        pool = self._pool
+        assert pool is not None
+        x = self.teacher_target(pool, self.micro_levels(), None)
+        c = self.part.chunk
+        new = torch.randn(pool.shape[0], c, *pool.shape[2:], generator=self._pool_gen).to(pool)
+        # chunk 0 reached t = 0: the last K clean frames (old refs + chunk 0) are frames [c, K + c);
+        # chunks 1..N−1 now sit where chunks 0..N−2 start a pass; c fresh noise frames enter at t = 1
+        self._pool = torch.cat([x[:, c:], new], dim=1)
+
+    def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module) -> Tensor:
+        """Stream ``noise.shape[1]`` frames, ``N`` student calls per pass."""
+        return self._stream_sample(noise, model)
+
+
+def bcast_frames(v: Tensor, like: Tensor) -> Tensor:
+    """``[B, F]`` per-frame values broadcast over ``[B, F, C, H, W]``."""
+    return v.reshape(*v.shape[:2], *([1] * (like.ndim - 2)))
+
+
+__all__ = ["StreamDiT", "StreamDiTConfig", "StreamDiTDistill", "StreamDiTDistillConfig", "per_frame_loss"]
