@@ -60,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default=json.dumps(TEACHER_MODEL), help="teacher model section (JSON)")
     p.add_argument("--plot", default="docs/img/latent_fid_vs_steps.png")
     p.add_argument("--only-plot", action="store_true", help="redraw the plot from OUT/curves.json")
+    p.add_argument("--student-only", action="store_true",
+                   help="skip the curves (their teachers must be trained): only the --student-of part")
     return p.parse_args()
 
 
@@ -223,7 +225,8 @@ def mean_sd(vals: list[float]) -> str:
 
 
 def plot(curves: list[dict], path: Path) -> None:
-    """FID vs training steps, one line per tokenizer (mean over the seeds at each step), floor dashed."""
+    """FID vs training steps, one line per tokenizer (mean over the seeds at each step, with the
+    seeds' standard deviation as an error bar where there are several); the floor in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,17 +236,16 @@ def plot(curves: list[dict], path: Path) -> None:
     labels = list(dict.fromkeys(r["tokenizer"] for r in curves))
     for label in labels:
         steps = sorted({r["step"] for r in curves if r["tokenizer"] == label})
-        ys = [statistics.fmean(r["fid"] for r in curves if r["tokenizer"] == label and r["step"] == s)
-              for s in steps]
+        vals = [[r["fid"] for r in curves if r["tokenizer"] == label and r["step"] == s] for s in steps]
+        ys = [statistics.fmean(v) for v in vals]
+        err = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
         style = "-" if label.startswith("rectok") else "--"
-        ax.plot(steps, ys, style, marker="o", label=label)
+        ax.errorbar(steps, ys, yerr=err, fmt=style, marker="o", capsize=3, label=label)
     floor = statistics.fmean({r["seed"]: r["fid_floor"] for r in curves}.values())
-    ax.axhline(floor, color="gray", ls=":", label=f"floor {floor:.2f}")
     ax.set_xlabel("teacher training steps")
     ax.set_ylabel("FID (digits features, n=360, decoded)")
-    ax.set_yscale("log")
     ax.legend()
-    ax.set_title("latent DiT teacher: FID vs steps")
+    ax.set_title(f"latent DiT teacher: FID vs steps (real-vs-real floor {floor:.2f})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -309,7 +311,7 @@ def main() -> None:
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     scorers: dict[str, Scorer] = {}
     recon = json.loads((out / "recon.json").read_text()) if (out / "recon.json").is_file() else {}
-    for label, tok_dir in toks.items():
+    for label, tok_dir in ({} if args.student_only else toks).items():
         t0 = time.perf_counter()
         cache = encode_cache(tok_dir, out / label / "cache")
         timings[f"{label}/encode"] = round(time.perf_counter() - t0, 1)
@@ -323,7 +325,8 @@ def main() -> None:
         (out / "curves.json").write_text(json.dumps(curves, indent=1))
         (out / "curves.md").write_text(curves_table(curves) + "\n")
         plot(curves, Path(args.plot))
-    print(curves_table(curves))
+    if curves and not args.student_only:
+        print(curves_table(curves))
     if args.student_of:
         label = args.student_of
         cache = out / label / "cache"
