@@ -78,10 +78,11 @@ def test_time_is_per_frame(attention, expected):
     assert all(d == 0 for d, e in zip(diff.tolist(), expected, strict=True) if not e)
 
 
-@pytest.mark.parametrize("attention,depth", [("window", 1), ("window", 2), ("causal", 2)])
-def test_mask_by_gradient(attention, depth):
+@pytest.mark.parametrize("attention,depth,local", [("window", 1, False), ("window", 2, False),
+                                                   ("window", 2, True), ("causal", 2, False)])
+def test_mask_by_gradient(attention, depth, local):
     """∂ out[f] / ∂ x[g] ≠ 0 exactly where the depth-fold mask allows (window grows by w per block)."""
-    net = _net(attention=attention, window=1, depth=depth)
+    net = _net(attention=attention, window=1, depth=depth, local_window=local)
     x, t = _x(b=1)
     x.requires_grad_(True)
     out = net(x, t)
@@ -133,3 +134,19 @@ def test_xformers_matches_sdpa():
     x, t = (v.cuda() for v in _x())
     with torch.no_grad():
         torch.testing.assert_close(net(x, t), ref(x, t), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_local_window_equals_masked_full_attention(window):
+    """The unfold-based local path computes the same function as masked full attention (float32
+    summation order differs: 1e-5), gradients included."""
+    fast = _net(attention="window", window=window, depth=2, local_window=True)
+    slow = _net(attention="window", window=window, depth=2)
+    assert fast.attention_plan(6, "cpu")[1] is not None and slow.attention_plan(6, "cpu")[1] is None
+    x, t = _x()
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = fast(xa, t), slow(xb, t)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)

@@ -36,23 +36,28 @@ Structure (the image DiT of :mod:`flowdistill.models.dit`, reused block by block
     on noise that is not yet decided.
 
 Attention is ``torch.nn.functional.scaled_dot_product_attention`` with a boolean token mask (none
-for ``"full"``). With ``attn_backend="auto"`` (default) and xformers importable and the input on
-CUDA, ``xformers.ops.memory_efficient_attention`` runs instead with an additive ``−inf`` bias
-(optional, never required); ``"sdpa"`` forces torch. Forward-mode JVPs need the torch path.
+for ``"full"``). ``local_window=True`` computes a narrow window without the masked work
+(:func:`local_window_attention`: keys of the ``2w + 1`` visible frames gathered by ``unfold``; the
+same function, tested equal); off by default because on this CPU at ≤ 16 frames the gather costs
+what it saves (table). With ``attn_backend="auto"`` (default) and xformers importable and the input
+on CUDA, ``xformers.ops.memory_efficient_attention`` runs instead with an additive ``−inf`` bias
+(optional, never required; not exercised on this box, which has no GPU); ``"sdpa"`` forces torch.
+Forward-mode JVPs need the torch path.
 
-CPU speed (measured 2026-12-02 on this repo's 2-core box while ~6 other jobs shared it — load
-average 2.5–9 — so these are upper bounds and noisy; ``OMP_NUM_THREADS=1``, torch 2.14, batch 16,
-32×32×1 frames, patch 4, ``heads = 4``, forward + backward of a mean-square loss, median of 3 after
-one warm-up; ``OMP_NUM_THREADS=1 python -m flowdistill.models.video_dit``):
+CPU cost of one training step (2026-12-02, this repo's 2-core box shared with ~6 other jobs; one
+thread, torch 2.14, batch 16, 32×32×1 frames, patch 4, heads 4, forward + backward of a mean-square
+loss; best process CPU time of 2 steps after a warm-up — CPU time rather than wall time because
+the box was loaded (load average ≈ 7), which inflated wall times 2–4×;
+``OMP_NUM_THREADS=1 python scripts/bench_video_dit.py``):
 
-    frames hidden depth  full      window(2)  causal
-      8     64     3     0.71 s    0.66 s     0.76 s
-      8    128     4     1.94 s    2.07 s     3.21 s
-     16     64     3     3.39 s    6.05 s     7.72 s
-     16    128     4    21.4 s    19.9 s     15.0 s
+    frames hidden depth  full     window(2)  window(2) local  causal
+      8     64     3     0.74 s   0.74 s     1.33 s           0.73 s
+      8    128     4     2.26 s   1.80 s     2.14 s           1.86 s
+     16     64     3     2.01 s   2.47 s     2.32 s           2.11 s
+     16    128     4     5.03 s   5.36 s     4.67 s           4.88 s
 
-At 16 frames the buffer has 1024 tokens and attention over all of them dominates; 8-frame buffers
-(512 tokens) are what a CPU training run should use.
+At 16 frames the buffer has 1024 tokens and attention over all of them is about half the cost; a
+CPU training run should use 8-frame buffers (512 tokens) and hidden 64 (≈ 0.75 s per step).
 """
 
 from __future__ import annotations
@@ -98,16 +103,47 @@ def frame_mask(frames: int, attention: str, window: int = 1, device=None) -> Ten
     raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
 
 
+def window_valid(frames: int, window: int, per: int, device=None) -> Tensor:
+    """Key mask ``[F, 1, (2w+1)·P]`` of :func:`local_window_attention`: slot ``o`` of frame ``f``'s
+    window holds frame ``g = f − w + o``, valid iff ``0 ≤ g < F`` (the rest is zero padding)."""
+    g = torch.arange(frames, device=device)[:, None] - window + torch.arange(2 * window + 1, device=device)
+    return ((g >= 0) & (g < frames)).repeat_interleave(per, 1)[:, None]
+
+
+def local_window_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, window: int,
+                           valid: Tensor) -> Tensor:
+    """Sliding frame-window attention without the masked work: ``q, k, v [B, H, F·P, D]``; the ``P``
+    queries of frame ``f`` attend to the keys of frames ``f − w … f + w`` only (gathered with
+    ``unfold`` from zero-padded keys; ``valid`` from :func:`window_valid` masks the padding).
+    Equals masked full attention with ``|f − g| ≤ w`` at ``(2w + 1)/F`` of its cost."""
+    b, h, n, d = q.shape
+    per, w = n // frames, window
+
+    def windows(z: Tensor) -> Tensor:
+        z = F.pad(z.reshape(b * h, frames, per, d), (0, 0, 0, 0, w, w))  # pad the frame axis
+        z = z.unfold(1, 2 * w + 1, 1)  # [BH, F, P, D, 2w+1]
+        return z.permute(0, 1, 4, 2, 3).reshape(b * h, frames, (2 * w + 1) * per, d)
+
+    out = F.scaled_dot_product_attention(q.reshape(b * h, frames, per, d), windows(k), windows(v),
+                                         attn_mask=valid)
+    return out.reshape(b, h, n, d)
+
+
 class VideoDiTBlock(DiTBlock):
     """:class:`~flowdistill.models.dit.DiTBlock` with per-frame adaLN-zero and masked attention."""
 
     backend: str = "sdpa"
 
-    def attn(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Multi-head self-attention on tokens ``[B, N, hidden]``; ``mask [N, N]`` bool (True = attend)."""
+    def attn(self, x: Tensor, mask: Tensor | None = None,  # type: ignore[override]
+             local: tuple[int, int, Tensor] | None = None) -> Tensor:
+        """Multi-head self-attention on tokens ``[B, N, hidden]``; ``mask [N, N]`` bool (True = attend),
+        or ``local = (frames, window, valid)`` for :func:`local_window_attention`."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
-        if self.backend == "xformers" and x.is_cuda:
+        if local is not None:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D]
+            out = local_window_attention(q, k, v, *local).transpose(1, 2).reshape(b, n, d)
+        elif self.backend == "xformers" and x.is_cuda:
             import xformers.ops as xops  # optional fast path (CUDA only)
 
             q, k, v = qkv.unbind(2)  # [B, N, H, D]
@@ -122,9 +158,11 @@ class VideoDiTBlock(DiTBlock):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d)
         return self.proj(out)
 
-    def forward(self, x: Tensor, c: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, c: Tensor, mask: Tensor | None = None,  # type: ignore[override]
+                local: tuple[int, int, Tensor] | None = None) -> Tensor:
         """``x [B, F·P, hidden]`` (frame-major tokens), ``c [B, F, hidden]`` (after SiLU), ``mask``
-        ``[F·P, F·P]`` or None. Frame ``f``'s tokens get ``x·(1 + scale_f) + shift_f`` and gate ``g_f``."""
+        ``[F·P, F·P]`` or None, ``local`` (see :meth:`attn`). Frame ``f``'s tokens get
+        ``x·(1 + scale_f) + shift_f`` and gate ``g_f``."""
         b, n, d = x.shape
         frames = c.shape[1]
         per = n // frames
@@ -137,7 +175,7 @@ class VideoDiTBlock(DiTBlock):
             return (g[:, :, None] * h.reshape(b, frames, per, d)).reshape(b, n, d)
 
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
-        x = x + gate(g1, self.attn(mod(self.norm1(x), sh1, sc1), mask))
+        x = x + gate(g1, self.attn(mod(self.norm1(x), sh1, sc1), mask, local))
         h = mod(self.norm2(x), sh2, sc2)
         return x + gate(g2, self.fc2(F.gelu(self.fc1(h), approximate="tanh")))
 
@@ -163,7 +201,9 @@ class VideoDiTFlowNet(ModelMixin, ConfigMixin):
     size), ``attention`` ("full" | "window" | "causal", see the module docstring), ``window``
     (frames each side for "window", 2), ``two_time`` (False), ``num_classes`` (0), ``time_scale``
     (1000), ``freq_dim`` (256), ``delta_time_scale`` (None = time_scale), ``attn_backend``
-    ("auto" | "sdpa" | "xformers"; auto = xformers when importable and on CUDA).
+    ("auto" | "sdpa" | "xformers"; auto = xformers when importable and on CUDA), ``local_window``
+    (True: a "window" narrower than the buffer computes only the ``2w + 1`` frames each frame sees,
+    :func:`local_window_attention`; False: full attention with the boolean mask — same result).
     """
 
     @register_to_config
@@ -171,7 +211,8 @@ class VideoDiTFlowNet(ModelMixin, ConfigMixin):
                  patch_size: int = 4, hidden: int = 128, depth: int = 4, heads: int = 4,
                  mlp_ratio: float = 4.0, max_frames: int = 32, attention: str = "full", window: int = 2,
                  two_time: bool = False, num_classes: int = 0, time_scale: float = 1000.0,
-                 freq_dim: int = 256, delta_time_scale: float | None = None, attn_backend: str = "auto"):
+                 freq_dim: int = 256, delta_time_scale: float | None = None, attn_backend: str = "auto",
+                 local_window: bool = False):
         super().__init__()
         if patch_size < 1 or sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} must be divisible by patch_size {patch_size}")
@@ -218,6 +259,18 @@ class VideoDiTFlowNet(ModelMixin, ConfigMixin):
             self._mask_cache[key] = m
         return self._mask_cache[key]
 
+    def attention_plan(self, frames: int, device) -> tuple[Tensor | None, tuple | None]:
+        """``(token mask, local)``: a window narrower than the buffer runs as
+        :func:`local_window_attention` (``local_window`` config, default on), else the token mask."""
+        cfg = self.config
+        if cfg.attention == "window" and cfg.local_window and 2 * cfg.window + 1 < frames:
+            key = ("local", frames, str(device))
+            if key not in self._mask_cache:
+                self._mask_cache[key] = (frames, cfg.window, window_valid(frames, cfg.window, self.grid ** 2,
+                                                                         device))
+            return None, self._mask_cache[key]
+        return self.token_mask(frames, device), None
+
     def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
         """``x [B, F, C, S, S]``, ``t [B, F]`` or ``[B]``, ``s`` likewise or None, ``cond [B]`` or None."""
         cfg = self.config
@@ -235,9 +288,9 @@ class VideoDiTFlowNet(ModelMixin, ConfigMixin):
         h = self.patch_embed(x.reshape(b * frames, *x.shape[2:])).flatten(2).transpose(1, 2)  # [BF, P, d]
         h = h + self.pos_embed.to(x.dtype)[None] + self.frame_embed[:frames, None].to(x.dtype).repeat(b, 1, 1)
         h = h.reshape(b, frames * g * g, -1)
-        mask = self.token_mask(frames, x.device)
+        mask, local = self.attention_plan(frames, x.device)
         for block in self.blocks:
-            h = block(h, c, mask)
+            h = block(h, c, mask, local)
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
         d = h.shape[-1]
         h = _modulate(self.norm_out(h).reshape(b * frames, g * g, d), shift.reshape(-1, d),
@@ -246,32 +299,3 @@ class VideoDiTFlowNet(ModelMixin, ConfigMixin):
         h = h.reshape(b * frames, g, g, p, p, self.out_ch).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(b, frames, self.out_ch, size, size)
 
-
-def _bench() -> None:
-    """Print forward+backward seconds (batch 16, 32×32, patch 4) for the docstring's table."""
-    import time
-
-    torch.manual_seed(0)
-    rows = []
-    for frames, hidden, depth in [(8, 64, 3), (8, 128, 4), (16, 64, 3), (16, 128, 4)]:
-        row = [frames, hidden, depth]
-        for attention in ATTENTIONS:
-            net = VideoDiTFlowNet(hidden=hidden, depth=depth, heads=4, max_frames=16, attention=attention)
-            for p in net.parameters():  # non-zero output so the backward is the real one
-                p.data.normal_(0, 0.02) if p.ndim > 1 else None
-            x, t = torch.randn(16, frames, 1, 32, 32), torch.rand(16, frames)
-            times = []
-            for _ in range(4):
-                t0 = time.perf_counter()
-                net(x, t).square().mean().backward()
-                times.append(time.perf_counter() - t0)
-            row.append(sorted(times[1:])[1])
-        rows.append(row)
-    print("frames hidden depth  " + "  ".join(ATTENTIONS))
-    for r in rows:
-        print(f"{r[0]:6d} {r[1]:6d} {r[2]:5d}  " + "  ".join(f"{v:.2f} s" for v in r[3:]))
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
-
-
-if __name__ == "__main__":
-    _bench()
