@@ -227,3 +227,34 @@ def test_core_layer_imports_torch_only():
     names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert all(not m.startswith("flowdistill") or m.startswith(("flowdistill.core", "flowdistill.errors",
                                                                 "flowdistill.kernels")) for m in names), names
+
+
+@pytest.mark.parametrize("attention", ["causal", "full"])
+def test_with_video_dit_causal_emission_ignores_newer_noise(attention):
+    """With the real VideoDiTFlowNet: constant-size calls, and under causal attention the first
+    emitted frames do not depend on the noise of newer chunks (they do under full attention)."""
+    from flowdistill.models.video_dit import VideoDiTFlowNet
+
+    p = Partition(ref=1, chunks=2, chunk=2, micro=2)
+    torch.manual_seed(0)
+    net = VideoDiTFlowNet(sample_size=8, patch_size=4, hidden=32, heads=2, depth=2, max_frames=8,
+                          freq_dim=32, attention=attention).eval()
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.normal_(0, 0.1)
+    sampler = StreamingSampler(net, p, grid=partition_grid(p))
+    assert sampler.frame_shape == (1, 8, 8)
+    noise = torch.randn(2, p.buffer, 1, 8, 8)
+    other = noise.clone()
+    other[:, -p.chunk:] = torch.randn(2, p.chunk, 1, 8, 8)  # only the newest chunk's noise differs
+    with torch.no_grad():
+        outs = []
+        for z in (noise, other):
+            st = sampler.warmup(z)
+            while not st.ready:
+                st = sampler.call(st)
+            frames, st = sampler.emit(st, torch.zeros(2, p.chunk, 1, 8, 8))
+            assert frames.shape == (2, p.ref + p.chunk, 1, 8, 8) and st.x.shape == noise.shape
+            outs.append(frames)
+    diff = (outs[0] - outs[1]).abs().max().item()
+    assert (diff == 0.0) if attention == "causal" else (diff > 1e-4), diff
