@@ -7,8 +7,10 @@ Usage: ``OMP_NUM_THREADS=1 python scripts/video_metric_floors.py [--clips 1000] 
   clips (seed 0) against the true centres (:func:`detector_error`), overall and for 1 / 2 digits.
 - Motion floor: the motion and appearance metrics of those true clips with chunk boundaries every
   4 frames (what a perfect generator scores).
-- Frame FID floor: real (test digits, seed 1) vs reference (test digits, seed 2) at ``--n`` frames
-  per set over seeds 0..4 — metric and real-vs-real floor, means and standard deviations.
+- Frame FID floor: real (⌈n / frames⌉ clips of test digits, seed 1) vs reference (twice as many
+  clips, seed 2; the floor compares its two halves) at ``--n`` frames per set over seeds 0..4 —
+  metric and real-vs-real floor, means and standard deviations; uniform noise as a far point.
+  ``--frames 1`` gives independent frames, longer clips the correlation of real streams.
 """
 
 from __future__ import annotations
@@ -55,12 +57,12 @@ def main() -> None:
     res["motion_true_positions"] = motion_metrics(c.positions, size=32, boundaries=bounds)
     print(json.dumps(res, indent=1), flush=True)
     if not args.skip_fid:
-        per_set = -(-args.n * 2 // args.frames)
+        per_set = -(-args.n // args.frames)  # generated clips; the reference has twice as many (two halves)
         real = generate_clips(
             per_set, args.frames, generator=torch.Generator().manual_seed(1), split="test"
         ).frames
         ref = generate_clips(
-            per_set, args.frames, generator=torch.Generator().manual_seed(2), split="test"
+            2 * per_set, args.frames, generator=torch.Generator().manual_seed(2), split="test"
         ).frames
         res["frame_fid_real"] = frame_fid(real, ref, n=args.n, seeds=(0, 1, 2, 3, 4))
         noise = torch.rand_like(real) * 2 - 1

@@ -526,7 +526,10 @@ def video_report(
     ``app_jump_within``, ``app_jump_boundary``; with ``motion_floor`` and clip-shaped
     ``reference_frames`` of the same length also the same motion metrics of the real clips
     (suffix ``_real``, same ``boundaries``), the floor the generated values compare with.
-    ``n_feat`` frames per set for FID/KID (the reference needs ``2·n_feat``).
+    ``n_feat`` frames per set for FID/KID. Give the reference as clips shaped like the generated
+    ones and twice as many (e.g. :func:`~flowdistill.data.bouncing_digits.reference_clips`): the
+    floor compares two halves of its clips, and frames of one clip are correlated, so the floor is
+    only comparable when both sets have the same clip structure.
     """
     if frames.dim() != 5:
         raise ValueError(f"video_report needs clips [n, F, C, H, W], got {tuple(frames.shape)}")
