@@ -97,6 +97,9 @@ def test_frame_fid_of_real_frames_is_at_the_floor_and_noise_is_far_above():
     assert r["frame_fid"] < 1.5 * r["frame_fid_floor"] + 0.5
     assert z["frame_fid"] > 20 * z["frame_fid_floor"]
     assert z["frame_kid"] > 20 * max(r["frame_kid"], 1e-3)
+    assert (
+        frame_fid(real, ref, n=10_000, seeds=(0,))["n_frames"] == 300
+    )  # lowered to one half of the reference
     split = temporal_quality_split(
         torch.cat([real, noise], 1), [(0, 4), (4, 8)], reference_frames=ref, seeds=(0,)
     )

@@ -442,16 +442,17 @@ def frame_fid(
     Per seed: ``n`` generated frames, ``n`` reference frames ``A`` and ``n`` other reference frames
     ``B`` (all without replacement); metric = (gen, A), floor = (B, A). When the reference is clips
     ``[m, F, C, H, W]``, ``A`` and ``B`` come from two disjoint random halves of the clips: frames of
-    one clip are correlated, and a floor between frames of the same clips would be too low. Needs
-    ≥ ``n`` generated frames and ≥ ``n`` reference frames per half. Means and standard deviations
-    over the seeds.
+    one clip are correlated, and a floor between frames of the same clips would be too low. ``n`` is
+    lowered to what both sets allow (``min(n, generated frames, frames per reference half)``; the
+    result's ``n_frames`` says which). Means and standard deviations over the seeds.
     """
     gen = _flat(frames)
     clips = reference_frames if reference_frames.dim() == 5 else reference_frames.unsqueeze(1)
     m, per = clips.shape[0], clips.shape[1]
-    if gen.shape[0] < n or (m // 2) * per < n:
+    n = min(int(n), gen.shape[0], (m // 2) * per)  # all three sets keep one size (reported as n_frames)
+    if n < 10:
         raise ValueError(
-            f"frame_fid at n={n} needs >= {n} frames and >= {n} reference frames in each half of the "
+            f"frame_fid needs >= 10 generated frames and >= 10 reference frames in each half of the "
             f"reference clips, got {gen.shape[0]} and {(m // 2) * per}"
         )
     fg = frame_features(gen, weights)
@@ -493,7 +494,9 @@ def temporal_quality_split(
     """Frame FID of each frame range ``[a, b)`` of clips ``[n, F, ...]`` (e.g. ``[(0, 112), (400, 512)]``).
 
     Every range is scored against the same reference at the same ``n`` (default: the smallest
-    range's frame count, capped by half the reference), so the rows compare; keys ``"a-b"``.
+    range's frame count, capped by half the reference), so the rows compare; keys ``"a-b"``. For
+    long streams give reference clips as long as one range (e.g. 112 frames), so the floor has the
+    correlation of the generated frames (see :func:`frame_fid`).
     """
     if frames.dim() != 5:
         raise ValueError(f"temporal_quality_split needs clips [n, F, C, H, W], got {tuple(frames.shape)}")
