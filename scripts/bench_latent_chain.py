@@ -57,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--student-of", default="", help="LABEL whose teacher FreeFlow distils ('' = none)")
     p.add_argument("--student-steps", type=int, default=400)
     p.add_argument("--student-seeds", type=int, default=5)
+    p.add_argument("--teacher-nfes", default="", help="NFEs of the teacher in the student table "
+                   "(comma-separated; default: --nfe)")
     p.add_argument("--model", default=json.dumps(TEACHER_MODEL), help="teacher model section (JSON)")
     p.add_argument("--plot", default="docs/img/latent_fid_vs_steps.png")
     p.add_argument("--only-plot", action="store_true", help="redraw the plot from OUT/curves.json")
@@ -273,7 +275,8 @@ def student_rows(label: str, teacher_dir: Path, student_dir: Path, args, scorer:
     from flowdistill.api import load_run
 
     rows = []
-    for name, run_dir, nfes, solver in (("teacher", teacher_dir, [args.nfe], args.solver),
+    teacher_nfes = [int(v) for v in args.teacher_nfes.split(",") if v] or [args.nfe]
+    for name, run_dir, nfes, solver in (("teacher", teacher_dir, teacher_nfes, args.solver),
                                         ("freeflow", student_dir, [1, 2, 4], None)):
         run = load_run(run_dir)
         for nfe in nfes:
