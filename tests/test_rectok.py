@@ -191,6 +191,7 @@ def test_bad_config_values_are_one_line_errors():
 
 
 def _trainer(run_dir: Path, steps: int) -> Trainer:
+    """The training loop over the digits at 32×32 (batch 8, checkpoints every 2 steps)."""
     d = make()
     src = build_dataset(DataSpec(name="digits", image_size=32))
     cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, ema_decay=0.0, ckpt_every=2, log_every=1,

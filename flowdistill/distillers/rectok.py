@@ -137,6 +137,7 @@ class RecTok(Distiller):
 
     def __init__(self, cfg: RecTokConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  inference_only: bool = False):
+        """``student``: a tokenizer (``num_tokens``, ``config.latent_channels``/``sem_dim``); no teacher."""
         super().__init__(cfg, student, teacher, inference_only=inference_only)
         conf = student.config
         self.tokens = int(student.num_tokens)

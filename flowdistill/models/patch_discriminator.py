@@ -17,6 +17,7 @@ class PatchDiscriminator(nn.Module):
     """PatchGAN: ``x [B, C, H, W] → logits [B]`` (the mean of the per-patch logits)."""
 
     def __init__(self, in_channels: int = 1, width: int = 32, layers: int = 2):
+        """``layers`` stride-2 convs of width ``width·2^i`` on ``in_channels``-channel images."""
         super().__init__()
         if width < 1 or layers < 1:
             raise ValueError(f"PatchDiscriminator needs width >= 1 and layers >= 1, got {width}, {layers}")
