@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override train.steps of the configs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-train", action="store_true", help="evaluate finished runs only")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_all",
+                    help="a config override for every run (e.g. train.seed=1)")
     ap.add_argument("--rectok-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the RecTok runs only (e.g. distiller.semantic.weights=PATH)")
     ap.add_argument("--stage2", type=int, default=0, metavar="STEPS",
@@ -161,7 +163,8 @@ def main() -> None:
                     print(f"skip {key}: {run_dir} has no exported tokenizer", flush=True)
                     continue
                 print(f"train {key} -> {run_dir}", flush=True)
-                train_run(kind, c, run_dir, args.steps, args.rectok_set if kind == "rectok" else [])
+                train_run(kind, c, run_dir, args.steps,
+                          args.set_all + (args.rectok_set if kind == "rectok" else []))
                 if args.announce:
                     with open(args.announce, "a") as f:
                         f.write(f"{run_dir} ({kind}, C={c}, stage 1)\n")
