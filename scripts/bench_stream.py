@@ -132,11 +132,17 @@ def main() -> None:
     p.add_argument("--gif-frames", type=int, default=48)
     p.add_argument("--gif-streams", type=int, default=3)
     p.add_argument("--rows", default="", help="comma-separated row indices (default: all with a run)")
+    p.add_argument("--extra", action="append", default=[], metavar="LABEL=RUN[@C,S]",
+                   help="also bench RUN as row LABEL, streamed with partition [C, S] (default: the run's "
+                        "own); repeatable")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     pick = [int(i) for i in args.rows.split(",") if i.strip()] or list(range(len(ROWS)))
     rows = [bench_row(label, run, part, args) for i, (label, run, part) in enumerate(ROWS)
             if i in pick and (Path(run) / "student").is_dir()]
+    for label, spec in (e.split("=", 1) for e in args.extra):
+        run, _, pair = spec.partition("@")
+        rows.append(bench_row(label, run, tuple(int(v) for v in pair.split(",")) if pair else None, args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown(rows, args))
@@ -144,7 +150,7 @@ def main() -> None:
                                                     for r in rows], indent=1))
     gifs = Path(args.gif_dir)
     for r in rows:
-        name = GIFS.get(r["label"])
+        name = next((f for prefix, f in GIFS.items() if r["label"].startswith(prefix)), None)
         if name:
             save_gif(r["_clips"][: args.gif_streams, : args.gif_frames], gifs / name, fps=12, scale=2)
     print(markdown(rows, args))
