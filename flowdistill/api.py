@@ -34,8 +34,8 @@ def _default_params(cfg: JobConfig, num_classes: int, two_time: bool) -> dict[st
     shape = sample_shape_of(cfg.data)
     if cfg.model.name == "mlp":
         params.setdefault("data_dim", shape[0])
-    else:
-        params.setdefault("in_channels", shape[0])
+    else:  # images [C, H, W]; video clips [F, C, H, W] (channels after the frame axis)
+        params.setdefault("in_channels", shape[-3])
         params.setdefault("sample_size", shape[-1])
     if _model_takes(cfg.model.name, "num_classes"):  # a tokenizer is unconditional and one-time
         params.setdefault("num_classes", num_classes)

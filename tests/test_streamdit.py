@@ -237,3 +237,15 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_video_model_sizes_come_from_the_clip_shape():
+    """``model.params`` left empty: a video DiT on bouncing digits gets ``in_channels`` from the
+    clip's channel axis ([F, C, H, W] -> C = 1), not from the frame count."""
+    from flowdistill.api import _default_params
+    from flowdistill.config import load_config
+
+    cfg = load_config(None, ["out_dir=/tmp/x", "model.name=video_dit", "data.name=bouncing_digits",
+                             "data.params.frames=10"], default_distiller="streamdit")
+    params = _default_params(cfg, 0, False)
+    assert params["in_channels"] == 1 and params["sample_size"] == 32
