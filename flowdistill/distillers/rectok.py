@@ -47,6 +47,7 @@ from flowdistill.errors import ConfigError
 from flowdistill.models.discriminator import hinge_d_loss, hinge_g_loss
 from flowdistill.models.patch_discriminator import PatchDiscriminator
 from flowdistill.models.perceptual import PERCEPTUAL_NETS, LazyPerceptual
+from flowdistill.models.tokenizer import NoisyLatentDraws
 
 SEM_TOKENS = ("all", "visible", "masked")
 
@@ -241,30 +242,33 @@ class RecTok(Distiller):
         return {"loss": loss, **logs}
 
     def _reconstruct(self, x: Tensor, step: int, rng: StepRNG) -> dict[str, Tensor]:
-        """The stage's forward pass: ``x_hat`` and (stage 1) ``kl``, ``sem``, ``mask_ratio``, ``t``."""
-        model = self.student  # encode/decode are methods, not forward: one process (no DDP wrapper)
-        if self.cfg.stage == 2:
-            with torch.no_grad():
-                z = self.student.encode(x).latent_dist.mode()
-            self._accumulate(z)
-            return {"x_hat": model.decode(z).sample}
+        """The stage's forward pass: ``x_hat`` and (stage 1) ``kl``, ``sem``, ``mask_ratio``, ``t``.
+
+        One call of the student through the engine's wrapper (``forward(x, noisy=draws)``, so DDP /
+        FSDP see it); the draws come from the step's RNG, sliced per process, so one or N processes
+        train alike. Stage 2: no mask, ``ξ = 0`` (the posterior mean), ``t = 0``."""
         b = x.shape[0]
+        g = self.student.grid
+        n, shape = self.tokens, (int(self.student.config.latent_channels), g, g)
+        model = self.net("student")
+        if self.cfg.stage == 2:
+            zeros = torch.zeros(b, *shape, dtype=x.dtype, device=x.device)
+            draws = NoisyLatentDraws(0.0, None, zeros, torch.zeros(b, device=x.device), zeros)
+            out = model(x, noisy=draws)
+            self._accumulate(out["z"])
+            return {"x_hat": out["x_hat"]}
         r = self.batch_mask_ratio(rng)
-        enc = self.student.encode(x, mask_ratio=r, generator=rng.generator() if r > 0 else None)
-        dist, ids_restore, mask = enc.latent_dist, enc.ids_restore, enc.mask
-        z = dist.mean + dist.std * rng.randn(b, *dist.mean.shape[1:]).to(x.dtype)
+        mask_noise = rng.rand(b, n).to(x.device) if r > 0 else None
+        z_noise = rng.randn(b, *shape).to(x)
         t = (shift_time(rng.rand(b), self.k) if self.cfg.noise else torch.zeros(b)).to(x)
-        eps = rng.randn(b, *z.shape[1:]).to(x.dtype)
-        tt = t.view(b, 1, 1, 1)
-        z_t = (1 - tt) * z + tt * eps
-        x_hat = model.decode(z_t, ids_restore=ids_restore, mask=mask).sample
-        out = {"x_hat": x_hat, "kl": dist.kl().mean(), "mask_ratio": torch.tensor(r), "t": t.mean().detach()}
+        eps = rng.randn(b, *shape).to(x)
+        out = model(x, noisy=NoisyLatentDraws(r, mask_noise, z_noise, t, eps, semantic=self.use_sem))
+        res = {"x_hat": out["x_hat"], "kl": out["kl"], "mask_ratio": torch.tensor(r), "t": t.mean().detach()}
         if self.use_sem:
             with torch.no_grad():
                 target = self.semantic_teacher(x.device)(x)
-            feats = self.student.decode_semantic(z_t, ids_restore=ids_restore, mask=mask)
-            out["sem"] = self.semantic_loss(feats, target, mask)
-        return out
+            res["sem"] = self.semantic_loss(out["features"], target, out["mask"])
+        return res
 
     @torch.no_grad()
     def _accumulate(self, z: Tensor) -> None:

@@ -171,20 +171,27 @@ class TokenizerModel(ModelMixin, ConfigMixin):
                              f"got {tuple(z.shape)}")
 
     def random_masking(self, batch: int, mask_ratio: float, generator: torch.Generator | None = None,
-                       device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       device: torch.device | None = None,
+                       noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """MAE masking (He et al. 2022): per sample a uniform random permutation of the N tokens; the
         first ``⌊N·(1 − mask_ratio)⌋`` (at least 1) stay visible.
 
         Returns ``(ids_keep [B, K], ids_restore [B, N], mask [B, N])`` with ``ids_restore`` the
         inverse permutation and ``mask`` 1 at dropped positions (grid order). The noise is drawn on
-        the generator's device (CPU when ``generator`` is None) and then moved to ``device``.
+        the generator's device (CPU when ``generator`` is None) and then moved to ``device``; a given
+        ``noise [B, N]`` (uniform) is used instead (a trainer draws it per process slice, so one or N
+        processes mask the same global batch alike).
         """
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         n = self.num_tokens
         keep = max(1, int(n * (1.0 - mask_ratio)))
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.rand(batch, n, generator=generator, device=gen_device).to(device)
+        if noise is None:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            noise = torch.rand(batch, n, generator=generator, device=gen_device)
+        elif tuple(noise.shape) != (batch, n):
+            raise ValueError(f"mask noise must be [{batch}, {n}], got {tuple(noise.shape)}")
+        noise = noise.to(device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         mask = torch.ones(batch, n, device=device)
@@ -193,19 +200,20 @@ class TokenizerModel(ModelMixin, ConfigMixin):
         return ids_shuffle[:, :keep], ids_restore, mask
 
     def encode(self, x: Tensor, mask_ratio: float = 0.0, generator: torch.Generator | None = None,
-               return_dict: bool = True) -> EncoderOutput | tuple:
+               return_dict: bool = True, mask_noise: Tensor | None = None) -> EncoderOutput | tuple:
         """Posterior ``q(z | visible tokens of x)`` for ``x [B, C, S, S]``.
 
         ``mask_ratio`` r drops ``N − ⌊N·(1 − r)⌋`` tokens per sample (a random shuffle from
         ``generator``) before the encoder, which attends over the visible tokens only; with r = 0
         nothing is drawn from ``generator`` and ``mask`` is all zeros. Masked positions of the
-        posterior are exactly N(0, I) (see the module docstring).
+        posterior are exactly N(0, I) (see the module docstring). ``mask_noise [B, N]``: the shuffle's
+        uniform noise, given instead of drawn (:meth:`random_masking`).
         """
         self._check_x(x)
         b = x.shape[0]
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # [B, N, D]
         if mask_ratio > 0:
-            ids_keep, ids_restore, mask = self.random_masking(b, mask_ratio, generator, x.device)
+            ids_keep, ids_restore, mask = self.random_masking(b, mask_ratio, generator, x.device, mask_noise)
             tokens = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
         else:
             ids_keep = None
@@ -261,8 +269,51 @@ class TokenizerModel(ModelMixin, ConfigMixin):
 
     def forward(self, sample: Tensor, sample_posterior: bool = False,
                 generator: torch.Generator | None = None,
-                return_dict: bool = True) -> DecoderOutput | tuple[Tensor]:
-        """Reconstruction ``D_pix(z)`` with ``z`` the posterior mean (or a sample), no masking."""
+                return_dict: bool = True, *,
+                noisy: NoisyLatentDraws | None = None) -> DecoderOutput | tuple[Tensor] | dict[str, Tensor]:
+        """Reconstruction ``D_pix(z)`` with ``z`` the posterior mean (or a sample), no masking.
+
+        With ``noisy`` the training forward :meth:`noisy_reconstruction` instead (a trainer calls the
+        model through its DDP/FSDP wrapper, whose gradient sync only sees ``forward``)."""
+        if noisy is not None:
+            return self.noisy_reconstruction(sample, noisy)
         dist = self.encode(sample).latent_dist
         z = dist.sample(generator) if sample_posterior else dist.mode()
         return self.decode(z, return_dict=return_dict)
+
+    def noisy_reconstruction(self, x: Tensor, draws: NoisyLatentDraws) -> dict[str, Tensor]:
+        """Decode from a noised latent (RecTok, arXiv 2512.13421, in our time convention):
+
+            q(z | visible tokens of x) = N(μ, σ²),  z = μ + σ·ξ,  z_t = (1 − t)·z + t·ε,
+            x̂ = D_pix(z_t),  f = D_sem(z_t)  (mask tokens at masked positions)
+
+        with ``ξ = draws.z_noise`` (zeros: the posterior mean), ``t = draws.t [B]``, ``ε =
+        draws.eps``. The mask is always passed to the decoders (all zeros without masking), so every
+        trainable parameter is in the graph on every step, as DDP requires. Returns ``x_hat``,
+        ``kl`` (batch mean), ``z`` and ``mask``, and ``features`` when ``draws.semantic``.
+        """
+        enc = self.encode(x, mask_ratio=draws.mask_ratio, mask_noise=draws.mask_noise)
+        dist, mask = enc.latent_dist, enc.mask
+        z = dist.mean + dist.std * draws.z_noise.to(dist.mean)
+        tt = draws.t.to(z).view(-1, 1, 1, 1)
+        z_t = (1 - tt) * z + tt * draws.eps.to(z)
+        out = {"x_hat": self.decode(z_t, enc.ids_restore, mask).sample, "kl": dist.kl().mean(), "z": z,
+               "mask": mask}
+        if draws.semantic:
+            out["features"] = self.decode_semantic(z_t, enc.ids_restore, mask)
+        return out
+
+
+@dataclass
+class NoisyLatentDraws:
+    """The random draws of one :meth:`TokenizerModel.noisy_reconstruction` (made by the trainer from
+    its per-step RNG, sliced per process): the mask ratio and the shuffle's uniform noise ``[B, N]``
+    (``None`` without masking), the posterior noise ``ξ`` and the path noise ``ε`` (``[B, C, h, w]``),
+    the times ``t [B]``, and whether to run the semantic decoder."""
+
+    mask_ratio: float
+    mask_noise: Tensor | None
+    z_noise: Tensor
+    t: Tensor
+    eps: Tensor
+    semantic: bool = False
