@@ -97,7 +97,7 @@ def teacher_config(cache: Path, out: Path, args: argparse.Namespace):
     every = args.every
     return load_config_mapping({
         "out_dir": str(out), "model": json.loads(args.model),
-        "data": {"name": "latents", "root": str(cache), "conditional": False},
+        "data": {"name": "tokenizer_latents", "root": str(cache), "conditional": False},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 100,
                   "lr_schedule": "constant", "ema_decay": 0.995, "log_every": every, "ckpt_every": every,
                   "keep_checkpoints": 1000, "seed": 0},
@@ -113,7 +113,7 @@ def student_config(cache: Path, teacher: Path, out: Path, args: argparse.Namespa
     return load_config_mapping({
         "out_dir": str(out), "teacher": str(teacher),
         "model": {"name": model["name"], "params": {"delta_time_scale": 5.0}},
-        "data": {"name": "latents", "root": str(cache), "conditional": False},
+        "data": {"name": "tokenizer_latents", "root": str(cache), "conditional": False},
         "train": {"steps": args.student_steps, "batch_size": 64, "lr": 3e-4, "warmup_steps": 50,
                   "lr_schedule": "cosine", "ema_decay": 0.99, "grad_clip": 1.0, "log_every": 50,
                   "ckpt_every": 100, "seed": 0},

@@ -27,7 +27,7 @@ stages:
     kind: train
     job:
       model: {{name: dit, params: {{patch_size: 2, hidden: 16, depth: 1, heads: 2}}}}
-      data: {{name: latents, root: "${{stage:encode}}", conditional: false}}
+      data: {{name: tokenizer_latents, root: "${{stage:encode}}", conditional: false}}
       train: {{steps: 4, batch_size: 16, lr: 1.0e-3, warmup_steps: 0, log_every: 2, ckpt_every: 2}}
       eval: {{n_samples: 40, seed: 1}}
   - name: student
@@ -35,7 +35,7 @@ stages:
     job:
       teacher: ${{stage:teacher}}
       model: {{name: dit}}
-      data: {{name: latents, root: "${{stage:encode}}", conditional: false}}
+      data: {{name: tokenizer_latents, root: "${{stage:encode}}", conditional: false}}
       train: {{steps: 2, batch_size: 8, lr: 1.0e-4, warmup_steps: 0, log_every: 1, ckpt_every: 2}}
       eval: {{n_samples: 40, seed: 1}}
       distiller: {{name: freeflow, derivative: fd, correction_warmup: 0, fake_repeats: 1}}

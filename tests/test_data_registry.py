@@ -234,3 +234,13 @@ def test_reference_images_digits_and_folder(folder):
     assert ref.name == "folder-imgs-8" and ref.feature_extractor == "inception"
     with pytest.raises(ConfigError, match="toy dataset"):
         reference_images(spec(name="moons"))
+
+
+def test_every_built_in_dataset_registers_under_its_own_name():
+    """The tokenizer-latent cache and the diffusers pipeline caches register side by side (both once
+    claimed ``latents``; importing the pipeline job then failed)."""
+    import flowdistill.integrations.diffusers.pipeline_data  # noqa: F401  (registers prompts, latents)
+    from flowdistill.data.registry import dataset_names
+
+    names = set(dataset_names())
+    assert {"tokenizer_latents", "latents", "prompts", "bouncing_digits", "video_folder", "digits"} <= names

@@ -1,6 +1,6 @@
 """The tokenizer latent cache (flowdistill.data.latent_cache): encode → store → load equals a direct
 encode, a crashed write resumes to the same bytes, two processes write disjoint shards whose union
-is the one-process cache, and the ``latents`` dataset trains and evaluates through the registry."""
+is the one-process cache, and the ``tokenizer_latents`` dataset trains and evaluates through the registry."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def test_store_equals_direct_encode_and_decodes_back(tmp_path):
     assert cache.latent_shape == (4, 8, 8) and cache.factors == (1.5, 0.1)
 
     # the registered dataset: shape from the manifest, labels kept, pixel reference and decoder
-    spec = SimpleNamespace(name="latents", root=str(root), conditional=True, image_size=32, params={})
+    spec = SimpleNamespace(name="tokenizer_latents", root=str(root), conditional=True, image_size=32,
+                           params={})
     assert sample_shape_of(spec) == (4, 8, 8)
     batch = build_dataset(spec).get_many(torch.tensor([3, 0, 149]))
     assert torch.equal(batch["x"], got["latents"][[3, 0, 149]]) and torch.equal(batch["cond"], y[[3, 0, 149]])
@@ -129,7 +130,8 @@ def test_resume_after_crash_is_identical(tmp_path, monkeypatch):
         encode(tmp_path, "crashed", tok_dir, mode="sample", seed=3)
     monkeypatch.setattr(tensor_store, "write_shard", real)
     with pytest.raises(ConfigError, match="data.root=.*incomplete"):
-        build_dataset(SimpleNamespace(name="latents", root=str(tmp_path / "crashed"), conditional=False))
+        build_dataset(SimpleNamespace(name="tokenizer_latents", root=str(tmp_path / "crashed"),
+                                      conditional=False))
     encode(tmp_path, "crashed", tok_dir, mode="sample", seed=3, resume=True)
     assert shard_bytes(tmp_path / "crashed") == shard_bytes(full)
     # a resume with another tokenizer (other weights) is refused, naming the header key
@@ -152,14 +154,14 @@ def test_two_ranks_write_disjoint_shards_whose_union_is_one_process(tmp_path, mo
 
 
 def test_errors_are_one_line_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="data.name=latents needs data.root"):
-        sample_shape_of(SimpleNamespace(name="latents", root="", conditional=False))
+    with pytest.raises(ConfigError, match="data.name=tokenizer_latents needs data.root"):
+        sample_shape_of(SimpleNamespace(name="tokenizer_latents", root="", conditional=False))
     with pytest.raises(ConfigError, match="data.root=.*holds no cache"):
-        sample_shape_of(SimpleNamespace(name="latents", root=str(tmp_path), conditional=False))
+        sample_shape_of(SimpleNamespace(name="tokenizer_latents", root=str(tmp_path), conditional=False))
     tok_dir = save_stub(tmp_path / "tok")
     root = encode(tmp_path, "uncond", tok_dir, spec=digits_spec(conditional=False))
     with pytest.raises(ConfigError, match="data.conditional=true but the latent cache .* holds no labels"):
-        build_dataset(SimpleNamespace(name="latents", root=str(root), conditional=True))
+        build_dataset(SimpleNamespace(name="tokenizer_latents", root=str(root), conditional=True))
     with pytest.raises(ConfigError, match="encode mode must be one of mean, sample"):
         encode(tmp_path, "bad", tok_dir, mode="median")
 

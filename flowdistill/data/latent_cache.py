@@ -20,10 +20,11 @@ the source dataset (its data spec, so evaluation finds the pixel reference) and 
 A posterior sample draws its noise from a generator seeded by ``(seed, first row of the batch)``,
 so a sampled cache is also the same for any number of processes and after a resume.
 
-The registered dataset ``latents`` (:mod:`flowdistill.data.registry`: ``data.name: latents``,
-``data.root: CACHE_DIR``) reads it: sample shape from the manifest, conditional when labels are
-stored, and for evaluation the source dataset's real images as reference with the tokenizer as
-decoder (``data.params.decoder: RUN_OR_MODEL_DIR`` overrides the tokenizer the manifest names).
+The registered dataset ``tokenizer_latents`` (:mod:`flowdistill.data.registry`:
+``data.name: tokenizer_latents``, ``data.root: CACHE_DIR``) reads it: sample shape from the
+manifest, conditional when labels are stored, and for evaluation the source dataset's real images
+as reference with the tokenizer as decoder (``data.params.decoder: RUN_OR_MODEL_DIR`` overrides the
+tokenizer the manifest names).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def open_cache(root: str | os.PathLike) -> LatentCache:
     """The latent cache at ``root``; a one-line :class:`~flowdistill.errors.ConfigError` naming
     ``data.root`` when it is missing, incomplete or not a latent cache."""
     if not str(root or "").strip():
-        raise ConfigError("data.name=latents needs data.root=DIR (a latent cache written by an encode stage)")
+        raise ConfigError("data.name=tokenizer_latents needs data.root=DIR (a latent cache written by an "
+                          "encode stage)")
     try:
         return LatentCache(root)
     except TensorCacheError as e:
@@ -230,7 +232,7 @@ class LatentDecoding:
 
 
 def decoding_of(spec: Any) -> LatentDecoding:
-    """The decoding of ``data.name=latents`` at ``spec.root``: the manifest's tokenizer unless
+    """The decoding of ``data.name=tokenizer_latents`` at ``spec.root``: the manifest's tokenizer unless
     ``spec.params["decoder"]`` names another run or model directory."""
     cache = open_cache(spec.root)
     decoder = str((getattr(spec, "params", None) or {}).get("decoder") or cache.tokenizer)

@@ -54,7 +54,7 @@ class DatasetEntry:
     building the source (``None``: build it and read ``source.sample_shape``). ``reference(spec,
     n)`` gives the eval's real images (``None``: :func:`default_reference`).
 
-    A dataset in a learned latent space (``latents``) sets ``pixel_spec(spec)`` (the data spec of
+    A dataset in a learned latent space (``tokenizer_latents``) sets ``pixel_spec(spec)`` (the data spec of
     the images it encodes: the reference and the feature extractor are that dataset's) and
     ``decoding(spec)`` (what turns samples into those images, :func:`decoding_for`).
     """
@@ -292,7 +292,7 @@ def _latent_decoding(spec: Any) -> Any:
     return decoding_of(spec)
 
 
-@register_dataset("latents", sample_shape=lambda spec: _latent_cache(spec).latent_shape,
+@register_dataset("tokenizer_latents", sample_shape=lambda spec: _latent_cache(spec).latent_shape,
                   pixel_spec=_latent_pixel_spec, decoding=_latent_decoding)
 def _latents(spec: Any, split: str) -> Any:
     """Tokenizer latents cached at ``spec.root`` (:mod:`flowdistill.data.latent_cache`; one cache, so

@@ -160,7 +160,8 @@ def evaluate_image_run(run, nfes: list[int], n: int, out_dir: Path, seed: int = 
 
 def sample_decoder(data: Any):
     """``latents -> images`` for a run on ``data`` whose samples are not images (``data.name:
-    latents``: the tokenizer's decoder, :mod:`flowdistill.models.latent_codec`); ``None`` otherwise."""
+    tokenizer_latents``: the tokenizer's decoder, :mod:`flowdistill.models.latent_codec`); ``None``
+    otherwise."""
     from flowdistill.data.registry import decoding_for
     from flowdistill.models.latent_codec import decoder_for
 

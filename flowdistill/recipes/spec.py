@@ -43,8 +43,8 @@ caches a dataset's latents through a tokenizer run (:mod:`flowdistill.data.laten
         encode: {mode: mean, batch_size: 64, shard_size: 512, seed: 0, split: train}   # optional
         out: runs/my_cache                       # optional; default OUT_DIR/NAME
 
-and a later stage trains on it with ``data: {name: latents, root: ${stage:encode}}`` (``${stage:NAME}``
-of an encode stage is its cache directory).
+and a later stage trains on it with ``data: {name: tokenizer_latents, root: ${stage:encode}}``
+(``${stage:NAME}`` of an encode stage is its cache directory).
 """
 
 from __future__ import annotations
