@@ -35,7 +35,7 @@ def _default_params(cfg: JobConfig, num_classes: int, two_time: bool) -> dict[st
     if cfg.model.name == "mlp":
         params.setdefault("data_dim", shape[0])
     else:  # images [C, H, W]; video clips [F, C, H, W] (channels after the frame axis)
-        params.setdefault("in_channels", shape[-3])
+        params.setdefault("in_channels", shape[1] if len(shape) == 4 else shape[0])
         params.setdefault("sample_size", shape[-1])
     if _model_takes(cfg.model.name, "num_classes"):  # a tokenizer is unconditional and one-time
         params.setdefault("num_classes", num_classes)
