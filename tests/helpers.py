@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,3 +74,13 @@ def kill_tree(pid: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny nets: one intra-op thread is faster and immune to an oversubscribed CPU (a test module
+    opts in with ``from tests.helpers import single_thread  # noqa: F401``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,6 +11,7 @@ from flowdistill.core.registry import UnknownNameError
 from flowdistill.errors import ConfigError
 from flowdistill.models import MODELS, DiTFlowNet, MLPFlowNet, UNetFlowNet, build_model, init_from
 from flowdistill.models.embeddings import sinusoidal_embedding
+from tests.helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
 
 B = 4
 NC = 3
@@ -25,14 +26,6 @@ SPECS = {
 }
 NAMES = list(SPECS)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The nets here are tiny: one intra-op thread is faster and immune to oversubscribed CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(name: str, **extra) -> nn.Module:

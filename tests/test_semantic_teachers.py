@@ -20,17 +20,10 @@ from flowdistill.models.semantic_teachers import (
     build_semantic_teacher,
     resample_tokens,
 )
+from tests.helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_digits_semantic_net.py"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small nets: one intra-op thread is faster and immune to an oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _script():

@@ -12,19 +12,12 @@ from flowdistill.errors import ConfigError
 from flowdistill.models import MODELS, build_model
 from flowdistill.models.loading import load_model_dir
 from flowdistill.models.tokenizer import TokenizerModel
+from tests.helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
 
 TINY = dict(sample_size=32, in_channels=1, patch_size=4, latent_channels=8, hidden=32, enc_depth=2,
             dec_depth=2, heads=2, sem_dim=16, sem_hidden=32, sem_depth=1)
 N = 64  # (32 / 4)² tokens
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny nets: one intra-op thread is faster and immune to an oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(**extra) -> TokenizerModel:
