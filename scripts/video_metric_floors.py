@@ -6,7 +6,8 @@ Usage: ``OMP_NUM_THREADS=1 python scripts/video_metric_floors.py [--clips 1000] 
 - Detector: :func:`~flowdistill.eval.video_metrics.detect_positions` on ``--clips`` test-split
   clips (seed 0) against the true centres (:func:`detector_error`), overall and for 1 / 2 digits.
 - Motion floor: the motion and appearance metrics of those true clips with chunk boundaries every
-  4 frames (what a perfect generator scores).
+  4 frames (what a perfect generator scores), and the motion metrics with chunks of 2 frames
+  (``motion_real_chunk2``: ``vel_jump_within`` is NaN there, ``vel_dev_*`` is the seam measure).
 - Frame FID floor: real (⌈n / frames⌉ clips of test digits, seed 1) vs reference (twice as many
   clips, seed 2; the floor compares its two halves) at ``--n`` frames per set over seeds 0..4 —
   metric and real-vs-real floor, means and standard deviations; uniform noise as a far point.
@@ -55,6 +56,8 @@ def main() -> None:
     mm.update(appearance_jumps(c.frames, det, boundaries=bounds))
     res["motion_real"] = mm
     res["motion_true_positions"] = motion_metrics(c.positions, size=32, boundaries=bounds)
+    bounds2 = torch.tensor([(f + 1) % 2 == 0 for f in range(args.frames - 1)])
+    res["motion_real_chunk2"] = motion_metrics(det, size=32, boundaries=bounds2)
     print(json.dumps(res, indent=1), flush=True)
     if not args.skip_fid:
         per_set = -(-args.n // args.frames)  # generated clips; the reference has twice as many (two halves)

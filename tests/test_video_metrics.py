@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from flowdistill.data.bouncing_digits import digit_sprites, generate_clips, render
+from flowdistill.eval import video_tracking
 from flowdistill.eval.video_metrics import (
     DETECTOR_TRACK_RMS_BOUND,
     appearance_jumps,
@@ -75,6 +78,75 @@ def test_a_teleport_at_a_chunk_boundary_is_a_boundary_velocity_jump():
     assert mj["pos_error"] > 5 * mc["pos_error"]
 
 
+def _linear_tracks(n, nf, chunk, seed, chunk_offset=0.0, common_offset=0.0, frame_noise=0.0):
+    """Float64 one-digit tracks ``[n, nf, 1, 2]`` at constant velocity (|v| ≤ 0.5 px/frame) around
+    the centre of a 64-px frame, so every coordinate is valid; plus an N(0, ``chunk_offset``) offset
+    per chunk of ``chunk`` frames, a ``common_offset`` shared by all chunks, and N(0, ``frame_noise``)
+    noise i.i.d. per frame."""
+    g = torch.Generator().manual_seed(seed)
+    p0 = 30.0 + 4.0 * torch.rand(n, 1, 1, 2, generator=g, dtype=torch.float64)
+    v = torch.rand(n, 1, 1, 2, generator=g, dtype=torch.float64) - 0.5
+    pos = p0 + v * torch.arange(nf, dtype=torch.float64).view(1, nf, 1, 1)
+    off = chunk_offset * torch.randn(n, -(-nf // chunk), 1, 2, generator=g, dtype=torch.float64)
+    pos = pos + (off + common_offset).repeat_interleave(chunk, 1)[:, :nf]
+    return pos + frame_noise * torch.randn(pos.shape, generator=g, dtype=torch.float64)
+
+
+def _chunk_boundaries(nf, chunk):
+    """``boundaries [nf - 1]`` of chunks of ``chunk`` frames."""
+    return torch.tensor([(f + 1) % chunk == 0 for f in range(nf - 1)])
+
+
+def test_velocity_deviation_is_zero_on_exact_constant_velocity():
+    b = _chunk_boundaries(32, 2)
+    m = motion_metrics(_linear_tracks(64, 32, 2, seed=0), size=64, boundaries=b)
+    assert m["n_vel_dev_samples"] == 64 * 2 * (32 - 5)  # every transition f = 2..F-4 has its 6 frames
+    assert m["vel_dev_boundary"] < 1e-9 and m["vel_dev_within"] < 1e-9
+
+
+def test_velocity_deviation_sees_seams_of_two_frame_chunks_where_the_velocity_jump_cannot():
+    """Every 2-frame chunk offset by N(0, 0.5 px): a seam transition's velocity carries the offset
+    difference, a within-chunk one only moves the 6-frame slope (expected ratio ≈ 3.9)."""
+    b = _chunk_boundaries(32, 2)
+    m = motion_metrics(_linear_tracks(200, 32, 2, seed=1, chunk_offset=0.5), size=64, boundaries=b)
+    assert m["vel_dev_boundary"] > 1.5 * m["vel_dev_within"]
+    # why the new key exists: with c = 2 every transition touches a seam, J has no within sample
+    assert math.isnan(m["vel_jump_within"])
+    assert not math.isnan(m["vel_jump_boundary"])
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_velocity_deviation_boundary_equals_within_without_seams(seed):
+    """One offset shared by all chunks (no seam) and N(0, 0.3 px) noise i.i.d. per frame: both
+    kinds of transition have the same symmetric window, so the ratio is 1 up to sampling spread.
+    At 200 tracks x 32 frames (~5 400 samples per kind) the ratio spread over 20 seeds was
+    sd 0.011 (range 0.98-1.03), so the band 0.8-1.25 is > 15 sd wide and does not flake, while a
+    seam gives ~3.9."""
+    b = _chunk_boundaries(32, 2)
+    pos = _linear_tracks(200, 32, 2, seed=seed, common_offset=0.7, frame_noise=0.3)
+    m = motion_metrics(pos, size=64, boundaries=b)
+    assert 0.8 < m["vel_dev_boundary"] / m["vel_dev_within"] < 1.25
+
+
+def test_detector_names_are_reexported_from_video_metrics():
+    from flowdistill.eval.video_metrics import (
+        DEFAULT_DIGIT_SIZE,
+        count_digits,
+        detect_positions,
+        detector_error,
+    )
+
+    assert detect_positions is video_tracking.detect_positions
+    assert count_digits is video_tracking.count_digits
+    assert detector_error is video_tracking.detector_error
+    assert DEFAULT_DIGIT_SIZE == video_tracking.DEFAULT_DIGIT_SIZE == 12
+    assert DETECTOR_TRACK_RMS_BOUND is video_tracking.DETECTOR_TRACK_RMS_BOUND
+    import flowdistill.eval.video_metrics as vm
+
+    for name in video_tracking.__all__:
+        assert name in vm.__all__ and getattr(vm, name) is getattr(video_tracking, name)
+
+
 def test_a_digit_swap_at_a_chunk_boundary_is_a_boundary_appearance_jump():
     clean, _ = _interior_clips()
     swapped, _ = _interior_clips(swap=True)
@@ -120,6 +192,11 @@ def test_video_report_has_the_contract_keys():
         "app_jump_within",
         "app_jump_boundary",
         "vel_jump_within_real",
+        "vel_dev_within",
+        "vel_dev_boundary",
+        "n_vel_dev_samples",
+        "vel_dev_within_real",
+        "vel_dev_boundary_real",
     ):
         assert k in rep
     with pytest.raises(ValueError, match="boundaries"):
