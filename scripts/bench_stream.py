@@ -95,21 +95,33 @@ def bench_row(label: str, run_dir: str, partition, args) -> dict:
 def markdown(rows: list[dict], args) -> str:
     """The table of the doc."""
     head = ("| row | K,N,c,s | frame FID (floor) | KID | pos. error | vel. jump bound./within | "
-            "app. jump bound./within | FID 400–512 / 0–112 | pos. err 400–512 / 0–112 | frames/call | "
-            "frames/s |")
-    lines = [head, "|" + "---|" * 11]
+            "vel. dev bound./within | app. jump bound./within | FID 400–512 / 0–112 | "
+            "pos. err 400–512 / 0–112 | frames/call | frames/s |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         late, early = r["late"], r["early"]
         vel = r["vel_jump_boundary"] / max(r["vel_jump_within"], 1e-12)
         app = r["app_jump_boundary"] / max(r["app_jump_within"], 1e-12)
+        dev = r["vel_dev_boundary"] / max(r["vel_dev_within"], 1e-12)
         lines.append(
             f"| {r['label']} | {','.join(map(str, r['partition']))} | {r['frame_fid']:.2f} "
             f"({r['frame_fid_floor']:.2f}) | {r['frame_kid']:.4f} | {r['pos_error']:.3f} | "
             f"{r['vel_jump_boundary']:.3f} / {r['vel_jump_within']:.3f} = {vel:.2f}x | "
+            f"{r['vel_dev_boundary']:.3f} / {r['vel_dev_within']:.3f} = {dev:.2f}x | "
             f"{r['app_jump_boundary']:.4f} / {r['app_jump_within']:.4f} = {app:.2f}x | "
             f"{late['frame_fid']:.2f} / {early['frame_fid']:.2f} = {r['late_over_early_fid']:.2f}x | "
             f"{late['pos_error']:.3f} / {early['pos_error']:.3f} = {r['late_over_early_pos']:.2f}x | "
             f"{r['frames_per_call']:.2f} | {r['frames_per_second']:.1f} |")
+    seen = set()
+    for r in rows:  # the real clips' motion metrics at each chunk size's boundaries (the floors)
+        if "pos_error_real" in r and r["partition"][2] not in seen:
+            seen.add(r["partition"][2])
+            q = {k[:-5]: v for k, v in r.items() if k.endswith("_real")}
+            lines.append(
+                f"| real clips, chunks of {r['partition'][2]} | {','.join(map(str, r['partition']))} | — | — | "
+                f"{q['pos_error']:.3f} | {q['vel_jump_boundary']:.3f} / {q['vel_jump_within']:.3f} | "
+                f"{q['vel_dev_boundary']:.3f} / {q['vel_dev_within']:.3f} | "
+                f"{q['app_jump_boundary']:.4f} / {q['app_jump_within']:.4f} | — | — | — | — |")
     lines.append("")
     lines.append(f"{args.streams} streams x {args.frames} frames per row ({args.streams * args.frames} "
                  f"frames) against as many real test-split frames; stability: {args.long_streams} x "

@@ -40,10 +40,11 @@ def test_shapes_and_broadcast_time():
         net(torch.randn(2, 9, 1, 8, 8), torch.rand(2))  # more frames than max_frames
 
 
-def test_fresh_net_outputs_zero_and_is_registered():
-    net = build_model("video_dit", **SMALL, attention="window", window=1)
+@pytest.mark.parametrize("head", [0, 4])
+def test_fresh_net_outputs_zero_and_is_registered(head):
+    net = build_model("video_dit", **SMALL, attention="window", window=1, head_channels=head)
     x, t = _x()
-    assert net(x, t).abs().max().item() == 0.0  # adaLN-zero: exact zero, not approximately
+    assert net(x, t).abs().max().item() == 0.0  # adaLN-zero (+ zeroed last head conv): exact zero
     with pytest.raises(ConfigError, match="attention"):
         build_model("video_dit", **SMALL, attention="shifted")
 
@@ -78,11 +79,13 @@ def test_time_is_per_frame(attention, expected):
     assert all(d == 0 for d, e in zip(diff.tolist(), expected, strict=True) if not e)
 
 
-@pytest.mark.parametrize("attention,depth,local", [("window", 1, False), ("window", 2, False),
-                                                   ("window", 2, True), ("causal", 2, False)])
-def test_mask_by_gradient(attention, depth, local):
-    """∂ out[f] / ∂ x[g] ≠ 0 exactly where the depth-fold mask allows (window grows by w per block)."""
-    net = _net(attention=attention, window=1, depth=depth, local_window=local)
+@pytest.mark.parametrize("attention,depth,local,head", [("window", 1, False, 0), ("window", 2, False, 0),
+                                                        ("window", 2, True, 0), ("causal", 2, False, 0),
+                                                        ("causal", 2, False, 4)])
+def test_mask_by_gradient(attention, depth, local, head):
+    """∂ out[f] / ∂ x[g] ≠ 0 exactly where the depth-fold mask allows (window grows by w per block;
+    the conv head is per frame, so it adds no reach across frames)."""
+    net = _net(attention=attention, window=1, depth=depth, local_window=local, head_channels=head)
     x, t = _x(b=1)
     x.requires_grad_(True)
     out = net(x, t)
@@ -95,10 +98,11 @@ def test_mask_by_gradient(attention, depth, local):
     assert torch.equal(reach, allowed), (reach.int(), allowed.int())
 
 
-def test_two_time_starts_as_one_time():
+@pytest.mark.parametrize("head", [0, 4])
+def test_two_time_starts_as_one_time(head):
     """Zero-initialised s branch: u(x, t, s) of a fresh two-time net loaded from a one-time net = v(x, t)."""
-    one = _net(attention="causal")
-    two = VideoDiTFlowNet(**SMALL, attention="causal", two_time=True).eval()
+    one = _net(attention="causal", head_channels=head)
+    two = VideoDiTFlowNet(**SMALL, attention="causal", two_time=True, head_channels=head).eval()
     rep = init_from(two, one)
     assert all(k.startswith("cond_embed.time_embed2") for k in rep.missing)
     x, t = _x()
@@ -150,3 +154,23 @@ def test_local_window_equals_masked_full_attention(window):
     a.square().sum().backward()
     b.square().sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_pixel_head_reads_the_input_frame_at_full_resolution():
+    """The conv head gets the input frame itself: with the DiT's token decoder zeroed, the output
+    still depends on the input pixel across the patch edge next to it (3×3 conv), only through the
+    head — without the head that net is identically zero."""
+    x, t = _x(b=1, f=2)
+    grads = {}
+    for head in (0, 4):
+        net = _net(head_channels=head)
+        with torch.no_grad():
+            net.linear_out.weight.zero_()
+            net.linear_out.bias.zero_()
+        xx = x.clone().requires_grad_(True)
+        out = net(xx, t)
+        (g,) = torch.autograd.grad(out[0, 0, 0, 0, 3], xx, allow_unused=True)  # last column of patch 0
+        grads[head] = 0.0 if g is None else g[0, 0, 0, 0, 4].abs().item()  # first column of patch 1
+    assert grads[0] == 0.0 and grads[4] > 1e-4, grads
+    with pytest.raises(ValueError, match="head_channels"):
+        VideoDiTFlowNet(**SMALL, head_channels=-1)
