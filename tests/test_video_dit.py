@@ -174,3 +174,28 @@ def test_pixel_head_reads_the_input_frame_at_full_resolution():
     assert grads[0] == 0.0 and grads[4] > 1e-4, grads
     with pytest.raises(ValueError, match="head_channels"):
         VideoDiTFlowNet(**SMALL, head_channels=-1)
+
+
+def test_x_prediction_returns_the_implied_velocity():
+    """``prediction="x"``: the same weights' raw output is x̂ and the net returns
+    ``(x_t − x̂)/max(t, t_min)`` per frame (exactly; float32 division), so an Euler/flow-map step to
+    ``s`` is ``(s/t)·x_t + (1 − s/t)·x̂`` (DDIM); the two-time init property holds as for "v"."""
+    v_net = _net(two_time=True)
+    x_net = VideoDiTFlowNet(**SMALL, two_time=True, prediction="x", x_pred_min_t=0.1).eval()
+    x_net.load_state_dict(v_net.state_dict())
+    x, t = _x()
+    t[0, 0] = 0.02  # below t_min: the divisor is clamped
+    s = t * 0.5
+    with torch.no_grad():
+        x_hat = v_net(x, t, s)
+        want = (x - x_hat) / t.clamp_min(0.1)[..., None, None, None]
+        torch.testing.assert_close(x_net(x, t, s), want, rtol=0, atol=0)
+        step = x + (s - t)[..., None, None, None] * x_net(x, t, s)
+        r = (s / t)[1, 3]
+        torch.testing.assert_close(step[1, 3], r * x[1, 3] + (1 - r) * x_hat[1, 3], rtol=1e-5, atol=1e-5)
+        one = _net(prediction="x")
+        two = VideoDiTFlowNet(**SMALL, two_time=True, prediction="x").eval()
+        init_from(two, one)
+        torch.testing.assert_close(two(x, t, s), one(x, t), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prediction"):
+        VideoDiTFlowNet(**SMALL, prediction="eps")

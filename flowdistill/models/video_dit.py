@@ -74,6 +74,7 @@ from flowdistill.models.dit import DiTBlock, DiTFlowNet, _modulate, sincos_pos_e
 from flowdistill.models.embeddings import ConditionEmbedding, check_x
 
 ATTENTIONS = ("full", "window", "causal")
+PREDICTIONS = ("v", "x")
 BACKENDS = ("auto", "sdpa", "xformers")
 _HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
 
@@ -227,7 +228,20 @@ class VideoDiTFlowNet(ModelMixin, ConfigMixin):
     (True: a "window" narrower than the buffer computes only the ``2w + 1`` frames each frame sees,
     :func:`local_window_attention`; False: full attention with the boolean mask — same result),
     ``head_channels`` (0; ``> 0`` adds the full-resolution :class:`PixelHead` with that many
-    channels after unpatchifying).
+    channels after unpatchifying), ``prediction`` ("v" | "x", below), ``x_pred_min_t`` (0.05).
+
+    **Output parameterisation** (``prediction``). ``"v"``: the net's output is the velocity.
+    ``"x"``: the net predicts the clean frame ``x̂`` and returns the velocity it implies on the path
+    ``x_t = (1 − t)·x + t·ε``, per frame (Li & He, "Back to Basics: Let Denoising Generative Models
+    Denoise", arXiv 2511.13720, JiT: with large patches a token has more pixels than the net can
+    carry noise through, while clean frames lie near a low-dimensional set),
+
+        v = (x_t − x̂)/max(t, t_min),     two-time: u = (x_t − x̂(x_t, t, s))/max(t, t_min),
+
+    so a flow-map step is ``X = x_t + (s − t)·u = (s/t)·x_t + (1 − s/t)·x̂`` (DDIM's update) for
+    ``t ≥ t_min``. The loss stays the velocity loss of the distiller; ``t_min`` bounds the ``1/t``
+    gain near the data. A fresh ``"x"`` net predicts ``x̂ = 0`` (not ``v = 0``); a two-time net
+    still starts equal to the one-time net it is loaded from.
     """
 
     @register_to_config
@@ -236,7 +250,8 @@ class VideoDiTFlowNet(ModelMixin, ConfigMixin):
                  mlp_ratio: float = 4.0, max_frames: int = 32, attention: str = "full", window: int = 2,
                  two_time: bool = False, num_classes: int = 0, time_scale: float = 1000.0,
                  freq_dim: int = 256, delta_time_scale: float | None = None, attn_backend: str = "auto",
-                 local_window: bool = False, head_channels: int = 0):
+                 local_window: bool = False, head_channels: int = 0, prediction: str = "v",
+                 x_pred_min_t: float = 0.05):
         super().__init__()
         if patch_size < 1 or sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} must be divisible by patch_size {patch_size}")
@@ -252,6 +267,10 @@ class VideoDiTFlowNet(ModelMixin, ConfigMixin):
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
         if attn_backend == "xformers" and not _HAS_XFORMERS:
             raise ValueError("attn_backend 'xformers' needs the xformers package")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if not 0.0 < x_pred_min_t <= 1.0:
+            raise ValueError(f"x_pred_min_t must be in (0, 1], got {x_pred_min_t}")
         if head_channels < 0:
             raise ValueError(f"head_channels must be >= 0 (0 = no conv head), got {head_channels}")
         self.grid = sample_size // patch_size
@@ -329,5 +348,8 @@ class VideoDiTFlowNet(ModelMixin, ConfigMixin):
         h = h.reshape(b * frames, feat, size, size)
         if self.head is not None:
             h = self.head(h, x.reshape(b * frames, *x.shape[2:]))
-        return h.reshape(b, frames, self.out_ch, size, size)
+        h = h.reshape(b, frames, self.out_ch, size, size)
+        if cfg.prediction == "x":  # the net predicts the clean frame x̂; return (x_t − x̂)/max(t, t_min)
+            return (x - h) / tf.reshape(b, frames, 1, 1, 1).clamp_min(cfg.x_pred_min_t).to(h.dtype)
+        return h
 
