@@ -14,12 +14,8 @@ from flowdistill.config import load_config, to_yaml
 from flowdistill.core.rng import StepRNG
 from flowdistill.data.bouncing_digits import generate_clips
 from flowdistill.distillers import DISTILLERS
-from flowdistill.distillers.streamdit import (
-    StreamDiT,
-    StreamDiTConfig,
-    StreamDiTDistill,
-    StreamDiTDistillConfig,
-)
+from flowdistill.distillers.streamdit import StreamDiT, StreamDiTConfig
+from flowdistill.distillers.streamdit_distill import StreamDiTDistill, StreamDiTDistillConfig
 from flowdistill.errors import ConfigError
 from flowdistill.models.video_dit import VideoDiTFlowNet
 from flowdistill.runs import prepare_run_dir

@@ -6,7 +6,8 @@ from flowdistill.distillers import (
     mdt,  # noqa: F401  (registers)
     rectok,  # noqa: F401  (registers)
     reflow,  # noqa: F401  (registers "reflow" and "instaflow")
-    streamdit,  # noqa: F401  (registers "streamdit" and "streamdit_distill")
+    streamdit,  # noqa: F401  (registers "streamdit")
+    streamdit_distill,  # noqa: F401  (registers "streamdit_distill")
     tscd,  # noqa: F401  (registers "tscd", "lcm" and "pcm")
 )
 from flowdistill.distillers.base import (
