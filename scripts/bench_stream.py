@@ -118,7 +118,8 @@ def markdown(rows: list[dict], args) -> str:
             seen.add(r["partition"][2])
             q = {k[:-5]: v for k, v in r.items() if k.endswith("_real")}
             lines.append(
-                f"| real clips, chunks of {r['partition'][2]} | {','.join(map(str, r['partition']))} | — | — | "
+                f"| real clips, chunks of {r['partition'][2]} | {','.join(map(str, r['partition']))} "
+                f"| — | — | "
                 f"{q['pos_error']:.3f} | {q['vel_jump_boundary']:.3f} / {q['vel_jump_within']:.3f} | "
                 f"{q['vel_dev_boundary']:.3f} / {q['vel_dev_within']:.3f} | "
                 f"{q['app_jump_boundary']:.4f} / {q['app_jump_within']:.4f} | — | — | — | — |")

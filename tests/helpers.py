@@ -20,6 +20,18 @@ TINY_TEACHER = [
     "train.ema_decay=0.99", "train.lr_schedule=cosine",
 ]
 
+#: The tiny checkerboard teacher of the CLI input tests (test_cli_input.py, test_cli_runs.py,
+#: test_cli_plugin.py).
+TINY = [
+    "model.name=mlp",
+    "model.params.hidden=32",
+    "model.params.depth=1",
+    "data.name=checkerboard",
+    "train.batch_size=64",
+    "train.log_every=1",
+    "train.lr=1e-3",
+]
+
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """Run ``python -m flowdistill.cli ARGS`` and capture its output."""
@@ -56,6 +68,44 @@ def main_in_process(capsys, *args: str) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """``main(argv)`` in-process: (exit status, stdout, stderr); argparse's SystemExit is caught."""
+    from flowdistill.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(result: tuple[int, str, str], *needles: str) -> str:
+    """Assert status 2 and a single ``error:`` line on stderr holding every needle; return the line."""
+    rc, out, err = result
+    assert rc == 2, (rc, out, err)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (and ``root`` itself): file bytes, ``None`` for a directory."""
+    root = Path(root)
+    if not root.exists():
+        return {}
+    if root.is_file():
+        return {".": root.read_bytes()}
+    snap: dict[str, bytes | None] = {".": None}
+    for p in sorted(root.rglob("*")):
+        snap[str(p.relative_to(root))] = None if p.is_dir() else p.read_bytes()
+    return snap
 
 
 def kill_tree(pid: int) -> None:

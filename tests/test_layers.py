@@ -14,6 +14,7 @@ ORDER = ["cli", "recipes", "integrations", "jobs", "eval", "distillers", "traini
 TOP_FILES = {"cli": "cli", "demo": "cli", "__main__": "cli", "api": "jobs", "config": "jobs", "runs": "jobs",
              "errors": "base", "atomic": "base", "resources": "base", "plugins": "base", "__init__": "base"}
 TOP_FILES["cli_pipeline"] = "cli"  # the cli's handlers of diffusers pipeline runs
+TOP_FILES["cli_parser"] = "cli"  # the cli's argument parser
 TOP_FILES["cli_stream"] = "cli"  # the cli's stream command (StreamDiT runs)
 
 
