@@ -16,6 +16,7 @@ TOP_FILES = {"cli": "cli", "demo": "cli", "__main__": "cli", "api": "jobs", "con
 TOP_FILES["cli_pipeline"] = "cli"  # the cli's handlers of diffusers pipeline runs
 TOP_FILES["cli_parser"] = "cli"  # the cli's argument parser
 TOP_FILES["cli_stream"] = "cli"  # the cli's stream command (StreamDiT runs)
+TOP_FILES["api_build"] = "jobs"  # api's building of a job's distiller (student, guided teacher, checks)
 
 
 def layer(module: str) -> str:

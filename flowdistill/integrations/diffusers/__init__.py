@@ -2,6 +2,7 @@
 
 - :mod:`.adapters` — diffusers models (SD3, Flux, DDPM UNets) as VelocityFields in our convention
   (``t`` = noise level of the linear path), registered in ``TEACHER_ADAPTERS``.
+- :mod:`.conditions` — ``TextCondition`` (prompt embeddings) and ``TextCFGField`` (text CFG).
 - :mod:`.scheduler` — ``FlowDistillScheduler``: ``x + (s − t)·u`` steps for flow-map or velocity
   students inside diffusers pipelines.
 - :mod:`.pipeline` — ``FlowDistillPipeline`` for our own students (``student`` + ``scheduler``).
