@@ -245,3 +245,40 @@ def test_video_model_sizes_come_from_the_clip_shape():
                              "data.params.frames=10"], default_distiller="streamdit")
     params = _default_params(cfg, 0, False)
     assert params["in_channels"] == 1 and params["sample_size"] == 32
+
+
+def test_reference_noise_levels_and_weights():
+    """``ref_noise``: clean references are noised to one level r ~ U(0, ref_noise) per buffer,
+    references being generated (warm-up levels > 0) are left alone, and the references still
+    carry no loss (their output's gradient is zero)."""
+    cfg = StreamDiTConfig(buffer_frames=6, ref_frames=2, partitions=[[2, 2]], warmup_share=0.5,
+                          ref_noise=0.3)
+    d = StreamDiT(cfg, _tiny_net())
+    rng = StepRNG(0, 0)
+    t, _ = d.training_levels(64, rng)
+    noised = d.noise_references(t, StepRNG(0, 1))
+    clean = (t[:, :2] == 0).all(dim=1)
+    assert clean.any() and (~clean).any()
+    r = noised[clean, :2]
+    assert torch.all(r[:, 0] == r[:, 1]) and float(r.min()) >= 0 and float(r.max()) <= 0.3
+    assert float(r.std()) > 0.05  # a spread of levels, not one
+    torch.testing.assert_close(noised[~clean], t[~clean], rtol=0, atol=0)
+    torch.testing.assert_close(noised[:, 2:], t[:, 2:], rtol=0, atol=0)
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, s=None, cond=None):
+            v = self.net(x, t, s, cond=cond)
+            v.retain_grad()
+            seen["v"], seen["t"] = v, t
+            return v
+
+    d.cfg.warmup_share = 0.0
+    d.attach_engine({"student": Spy(d.student)})
+    d.loss({"x": _clips(4)}, 0, "student", StepRNG(0, 0))["loss"].backward()
+    assert float(seen["t"][:, :2].max()) > 0  # the net saw noised references
+    assert torch.all(seen["v"].grad[:, :2] == 0) and seen["v"].grad[:, 2:].abs().sum() > 0

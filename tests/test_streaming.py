@@ -258,3 +258,33 @@ def test_with_video_dit_causal_emission_ignores_newer_noise(attention):
             outs.append(frames)
     diff = (outs[0] - outs[1]).abs().max().item()
     assert (diff == 0.0) if attention == "causal" else (diff > 1e-4), diff
+
+
+def test_noised_references_are_seen_at_their_level_and_stay_clean_in_the_buffer():
+    """``ref_noise = r``: every streaming call shows the model the K references noised to level r
+    (time input r, a fresh draw each call), the buffer's references stay the clean emitted frames,
+    and r = 0 is the plain sampler bit for bit."""
+    grid = partition_grid(P)
+    plain = StreamingSampler(GaussVelocity(), P, grid=grid, frame_shape=SHAPE)
+    zero = StreamingSampler(GaussVelocity(), P, grid=grid, frame_shape=SHAPE, ref_noise=0.0)
+    torch.testing.assert_close(plain.stream(2, 9, torch.Generator().manual_seed(3)),
+                               zero.stream(2, 9, torch.Generator().manual_seed(3)), rtol=0, atol=0)
+    model = GaussVelocity()
+    sampler = StreamingSampler(model, P, grid=grid, frame_shape=SHAPE, ref_noise=0.2)
+    ctx = torch.randn(1, 3, *SHAPE)
+    out = sampler.stream(1, 8, torch.Generator().manual_seed(1), context=ctx)
+    warm = P.steps
+    deviations = []
+    for call, (t, x) in enumerate(zip(model.times[warm:], model.refs[warm:], strict=True)):
+        want = buffer_levels(P, grid, call % P.micro)
+        want[:2] = 0.2
+        torch.testing.assert_close(t[0], want)
+        e = call // P.micro
+        clean = ctx[:, -2:] if e < 1 else out[:, 2 * e - 2: 2 * e]
+        noise = (x[:, :2] - 0.8 * clean) / 0.2  # the draw the model saw: ~N(0, 1), not 0
+        deviations.append(noise)
+    noise = torch.cat(deviations)
+    assert 0.6 < float(noise.std()) < 1.4  # a standard normal draw (64 values: loose band)
+    assert not torch.allclose(deviations[0], deviations[1])  # fresh noise every call
+    with pytest.raises(ConfigError, match="ref_noise"):
+        StreamingSampler(GaussVelocity(), P, grid=grid, frame_shape=SHAPE, ref_noise=1.0)

@@ -76,7 +76,11 @@ class StreamingSampler:
     (``k``, divides ``s``): grid indices per call (teacher 1, distilled student ``s``). ``solver``:
     "euler" or "heun" (velocity models only). ``warmup``: "clamp" | "stretch". ``frame_shape``:
     ``(C, H, W)``; None reads ``model.config`` (``in_channels``, ``sample_size``). ``cond``: passed
-    to every model call as ``cond=`` (e.g. class labels ``[n]``).
+    to every model call as ``cond=`` (e.g. class labels ``[n]``). ``ref_noise`` (``r``, default 0):
+    while streaming, the model sees the ``K`` reference frames noised to level ``r`` (fresh noise
+    from ``ref_noise_seed`` at every call, ``x̃ = (1 − r)·x + r·ε`` with time input ``r``), the
+    buffer keeps them clean and they never move — context noise augmentation, for a model trained
+    with noised references (``streamdit``'s ``ref_noise``; GameNGen, arXiv 2408.14837, §3.2.1).
 
     Counters (cumulative over the sampler's life): ``nfe`` (model evaluations) and
     ``frames_emitted``.
@@ -85,7 +89,7 @@ class StreamingSampler:
     def __init__(self, model: Callable[..., Tensor], partition: Partition, *, grid: Tensor,
                  steps_per_call: int = 1, two_time: bool = False, solver: str = "euler",
                  warmup: str = "clamp", frame_shape: tuple[int, int, int] | None = None,
-                 cond: Tensor | None = None):
+                 cond: Tensor | None = None, ref_noise: float = 0.0, ref_noise_seed: int = 0):
         if grid.ndim != 1 or grid.numel() != partition.steps + 1:
             raise ConfigError(f"grid must have N·s + 1 = {partition.steps + 1} points, "
                               f"got {list(grid.shape)}")
@@ -101,6 +105,10 @@ class StreamingSampler:
             raise ConfigError("a two-time (flow-map) model jumps t -> s in one call: solver must be 'euler'")
         if warmup not in WARMUPS:
             raise ConfigError(f"warmup must be one of {WARMUPS}, got {warmup!r}")
+        if not 0.0 <= float(ref_noise) < 1.0:
+            raise ConfigError(f"ref_noise must be in [0, 1), got {ref_noise!r}")
+        self.ref_noise = float(ref_noise)
+        self._ref_gen = torch.Generator().manual_seed(int(ref_noise_seed))
         self.model, self.partition, self.grid = model, partition, grid
         self.k, self.two_time, self.solver, self.warmup_mode = steps_per_call, two_time, solver, warmup
         self.frame_shape = tuple(frame_shape) if frame_shape is not None else self._shape_from_config(model)
@@ -131,16 +139,27 @@ class StreamingSampler:
         self.nfe += 1
         return self.model(*args, **kw)
 
-    def step(self, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-        """Move every frame from its level ``t_f`` to ``t'_f`` (``[B]`` each) with one solver step."""
+    def step(self, x: Tensor, t: Tensor, t_next: Tensor, noised_refs: bool = False) -> Tensor:
+        """Move every frame from its level ``t_f`` to ``t'_f`` (``[B]`` each) with one solver step.
+        ``noised_refs``: the model sees the reference frames at level ``ref_noise`` (class
+        docstring); they do not move (``t = t' = 0`` in the buffer)."""
         shape = (1, -1) + (1,) * (x.ndim - 2)
         dt = (t_next - t).to(device=x.device, dtype=x.dtype).reshape(shape)
+        k = self.partition.ref
+        if noised_refs and self.ref_noise > 0 and k:
+            r = self.ref_noise
+            eps = torch.randn(x[:, :k].shape, generator=self._ref_gen).to(x)
+            seen = torch.cat([(1 - r) * x[:, :k] + r * eps, x[:, k:]], dim=1)
+            t_in, t_next_in = t.clone(), t_next.clone()
+            t_in[:k] = t_next_in[:k] = r
+        else:
+            seen, t_in, t_next_in = x, t, t_next
         if self.two_time:
-            return x + dt * self._eval(x, t, t_next)
-        v = self._eval(x, t)
+            return x + dt * self._eval(seen, t_in, t_next_in)
+        v = self._eval(seen, t_in)
         if self.solver == "euler":
             return x + dt * v
-        v2 = self._eval(x + dt * v, t_next)
+        v2 = self._eval(seen + dt * v, t_next_in)
         return x + dt * (v + v2) / 2
 
     def warmup(self, noise: Tensor, context: Tensor | None = None) -> StreamState:
@@ -172,7 +191,7 @@ class StreamingSampler:
                               "emit it before the next call")
         t = buffer_levels(p, self.grid, state.micro)
         t_next = buffer_levels(p, self.grid, state.micro + self.k)
-        x = self.step(state.x, t, t_next)
+        x = self.step(state.x, t, t_next, noised_refs=True)
         return StreamState(x=x, micro=state.micro + self.k, micro_steps=p.micro, pending=state.pending)
 
     def emit(self, state: StreamState, fresh: Tensor) -> tuple[Tensor, StreamState]:

@@ -73,6 +73,8 @@ class StreamDiTConfig(DistillerConfig):
     jitter: bool = True  # levels uniform within each frame's micro-step interval
     ref_loss_weight: float = 0.0  # weight of the reference frames' loss at t = 0 (0: excluded)
     warmup_share: float = 0.15  # share of the batch at the sampler's warm-up levels (cold start)
+    ref_noise: float = 0.0  # train: clean references noised to r ~ U(0, ref_noise) (0: off)
+    ref_noise_sample: float = -1.0  # stream: references seen at this level (negative: ref_noise / 2)
     loss: str = "l2"
     sample_partition: list[int] = field(default_factory=list)  # [c, s] streamed; empty: the first
 
@@ -96,6 +98,9 @@ class StreamDiTConfig(DistillerConfig):
             raise ConfigError(f"distiller.grid_shift must be positive, got {self.grid_shift}")
         if self.ref_loss_weight < 0:
             raise ConfigError(f"distiller.ref_loss_weight must be >= 0, got {self.ref_loss_weight}")
+        if not 0.0 <= self.ref_noise < 1.0 or self.ref_noise_sample >= 1.0:
+            raise ConfigError(f"distiller.ref_noise must be in [0, 1) and distiller.ref_noise_sample < 1, "
+                              f"got {self.ref_noise}, {self.ref_noise_sample}")
         if not 0.0 <= self.warmup_share <= 1.0:
             raise ConfigError(f"distiller.warmup_share must be in [0, 1], got {self.warmup_share}")
         if self.sample_partition:
@@ -117,6 +122,11 @@ class StreamDiTConfig(DistillerConfig):
     def partition_list(self) -> list[Partition]:
         """Every training partition."""
         return [self.partition(p) for p in self.partitions]
+
+    def sampling_ref_noise(self) -> float:
+        """The level the streaming sampler shows the reference frames at (``ref_noise_sample``;
+        negative: half the training maximum ``ref_noise``)."""
+        return self.ref_noise / 2 if self.ref_noise_sample < 0 else float(self.ref_noise_sample)
 
     def sampling_partition(self) -> Partition:
         """The partition the sampler streams with (``sample_partition``, else the first)."""
@@ -151,7 +161,8 @@ class _StreamingMixin:
         part = part or self.cfg.sampling_partition()
         two_time = bool(self.student_two_time)
         steps = part.micro if two_time and not teacher_steps else 1
-        return StreamingSampler(model, part, grid=self.grid_of(part), steps_per_call=steps, two_time=two_time)
+        return StreamingSampler(model, part, grid=self.grid_of(part), steps_per_call=steps, two_time=two_time,
+                                ref_noise=self.cfg.sampling_ref_noise())
 
     def streaming_partition(self, pair: list[int] | tuple[int, int] | None = None) -> Partition:
         """The partition ``[c, s]`` of this buffer (checked: ``c`` divides ``B − K``), default the
@@ -248,6 +259,22 @@ class StreamDiT(_StreamingMixin, Distiller):
                 levels[i] = self.warmup_levels(part, w if self.cfg.jitter else float(int(w)))
         return rng.slice(levels), rng.slice(pid)
 
+    def noise_references(self, t: Tensor, rng: StepRNG) -> Tensor:
+        """Context noise augmentation (``ref_noise > 0``): buffers whose reference frames are clean
+        get them at one level ``r ~ U(0, ref_noise)`` per buffer (global-batch draw, sliced), so the
+        net learns not to copy its references' small errors — in a stream the references are its
+        own outputs, and copying them compounds (measured: without it 3 of 4 streams of the mixed
+        teacher fade to empty frames within 128 frames, docs/streamdit.md). Their loss weight stays
+        ``ref_loss_weight`` (from the levels before noising). GameNGen (arXiv 2408.14837) §3.2.1."""
+        k = self.cfg.ref_frames
+        if self.cfg.ref_noise <= 0 or not k:
+            return t
+        r = rng.slice(torch.rand(t.shape[0] * rng.world, generator=rng.generator()) * self.cfg.ref_noise)
+        clean = (t[:, :k] == 0).all(dim=1)
+        t = t.clone()
+        t[:, :k] = torch.where(clean[:, None], r.to(t)[:, None].expand(-1, k), t[:, :k])
+        return t
+
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
         """Per-frame flow matching at the staircase levels (module docstring)."""
         x = batch["x"]
@@ -255,18 +282,20 @@ class StreamDiT(_StreamingMixin, Distiller):
         b = x.shape[0]
         t, pid = self.training_levels(b, rng)
         t = t.to(x.device, x.dtype)
+        weights = self.frame_weights(t)
+        t = self.noise_references(t, rng)
         eps = rng.randn(b, *x.shape[1:]).to(x.device, x.dtype)
         tt = t[:, :, None, None, None]
         x_t = (1 - tt) * x + tt * eps
         v = self.net("student")(x_t, t, cond=batch.get("cond"))
-        loss = per_frame_loss(self.premetric, v, eps - x, self.frame_weights(t))
+        loss = per_frame_loss(self.premetric, v, eps - x, weights)
         out = {"loss": loss}
         for i, part in enumerate(self.parts):  # logged per partition (no gradient)
             sel = pid == i
             if bool(sel.any()) and len(self.parts) > 1:
                 with torch.no_grad():
                     out[f"loss_c{part.chunk}s{part.micro}"] = per_frame_loss(
-                        self.premetric, v[sel], (eps - x)[sel], self.frame_weights(t[sel]))
+                        self.premetric, v[sel], (eps - x)[sel], weights[sel])
         return out
 
     def _sample(self, noise: Tensor, nfe: int, cond: Tensor | None, model: nn.Module) -> Tensor:
