@@ -7,14 +7,16 @@ Rows (each a trained run, streamed with its own sampling partition):
   frames as clean references only (no overlap in noise levels);
 * ``single partition`` (``configs/streamdit_single.yaml``) and ``mixed partitions``
   (``configs/streamdit_mixed.yaml``), streamed with [c, s] = [2, 4];
-* ``distilled student`` (``configs/streamdit_distill.yaml``): one call per chunk interval.
+* ``distilled student`` (``configs/streamdit_distill.yaml``): one call per chunk interval;
+* ``mixed partitions + reference noise`` (the mixed teacher fine-tuned with ``distiller.ref_noise``,
+  docs/streamdit.md) and its distilled student.
 
 For each: ``--streams`` streams of ``--frames`` frames (≥ 1000 frames in all) scored by
 :func:`flowdistill.eval.video_metrics.video_report` against as many real frames (test-split
 digits), with chunk boundaries marked; ``--long-streams`` streams of ``--long-frames`` frames for
-the stability check (frames 400–512 vs 0–112); frames per network call (per stream; the calls are
-batched over the streams) and frames per second of the whole batch on this CPU. Writes
-``OUT.md`` and ``OUT.json``, and the teacher / student GIFs.
+the stability check (frames 400–512 vs 0–112: frame FID, position error, ink per frame); frames
+per network call (per stream; the calls are batched over the streams) and frames per second of
+the whole batch on this CPU. Writes ``OUT.md`` and ``OUT.json``, and the teacher / student GIFs.
 
     OMP_NUM_THREADS=1 python scripts/bench_stream.py --out docs/streamdit_bench
 """
@@ -38,8 +40,12 @@ ROWS = (("baseline: non-overlapping chunks, mixed model", "runs/streamdit_mixed"
         ("baseline: non-overlapping chunks, full-sequence model", "runs/streamdit_full_sequence", None),
         ("single partition", "runs/streamdit_single", None),
         ("mixed partitions", "runs/streamdit_mixed", None),
-        ("distilled student", "runs/streamdit_distill", None))
-GIFS = {"mixed partitions": "stream_teacher.gif", "distilled student": "stream_student.gif"}
+        ("distilled student", "runs/streamdit_distill", None),
+        ("mixed partitions + reference noise", "runs/streamdit_mixed_refnoise", None),
+        ("distilled student of it", "runs/streamdit_distill_refnoise", None))
+#: GIF file per row label (the README's teacher / student streams).
+GIFS = {"mixed partitions + reference noise": "stream_teacher.gif",
+        "distilled student of it": "stream_student.gif"}
 
 
 def boundaries(frames: int, chunk: int) -> torch.Tensor:
@@ -57,6 +63,12 @@ def stream_run(run, n: int, frames: int, seed: int, partition=None) -> tuple[tor
     nfe = int(smp.nfe)
     return clips, {"seconds": sec, "calls_per_stream": nfe, "frames_per_call": frames / nfe,
                    "frames_per_second": n * frames / sec}
+
+
+def ink(clips: torch.Tensor) -> float:
+    """Mean ink per frame ``Σ (x + 1)/2`` over the pixels (one bouncing digit ≈ 30, two ≈ 60 on real
+    clips): a stream whose digits fade or vanish loses it."""
+    return float(((clips.clamp(-1, 1) + 1) / 2).sum(dim=(2, 3, 4)).mean())
 
 
 def score(clips: torch.Tensor, params: dict, chunk: int, seed: int) -> dict:
@@ -83,6 +95,8 @@ def bench_row(label: str, run_dir: str, partition, args) -> dict:
     w = args.window
     early = score(long[:, :w], params, part.chunk, args.seed + 3)
     late = score(long[:, args.long_frames - w:], params, part.chunk, args.seed + 3)
+    early["ink"], late["ink"] = ink(long[:, :w]), ink(long[:, args.long_frames - w:])
+    early["ink_real"] = ink(reference_clips({**params, "frames": w}, 64, seed=args.seed + 4).frames)
     row["early"], row["late"] = early, late
     row["late_over_early_fid"] = late["frame_fid"] / max(early["frame_fid"], 1e-12)
     row["late_over_early_pos"] = late["pos_error"] / max(early["pos_error"], 1e-12)
@@ -96,8 +110,8 @@ def markdown(rows: list[dict], args) -> str:
     """The table of the doc."""
     head = ("| row | K,N,c,s | frame FID (floor) | KID | pos. error | vel. jump bound./within | "
             "vel. dev bound./within | app. jump bound./within | FID 400–512 / 0–112 | "
-            "pos. err 400–512 / 0–112 | frames/call | frames/s |")
-    lines = [head, "|" + "---|" * 12]
+            "pos. err 400–512 / 0–112 | ink 400–512 / 0–112 | frames/call | frames/s |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         late, early = r["late"], r["early"]
         vel = r["vel_jump_boundary"] / max(r["vel_jump_within"], 1e-12)
@@ -111,6 +125,7 @@ def markdown(rows: list[dict], args) -> str:
             f"{r['app_jump_boundary']:.4f} / {r['app_jump_within']:.4f} = {app:.2f}x | "
             f"{late['frame_fid']:.2f} / {early['frame_fid']:.2f} = {r['late_over_early_fid']:.2f}x | "
             f"{late['pos_error']:.3f} / {early['pos_error']:.3f} = {r['late_over_early_pos']:.2f}x | "
+            f"{late['ink']:.1f} / {early['ink']:.1f} | "
             f"{r['frames_per_call']:.2f} | {r['frames_per_second']:.1f} |")
     seen = set()
     for r in rows:  # the real clips' motion metrics at each chunk size's boundaries (the floors)
@@ -122,7 +137,8 @@ def markdown(rows: list[dict], args) -> str:
                 f"| — | — | "
                 f"{q['pos_error']:.3f} | {q['vel_jump_boundary']:.3f} / {q['vel_jump_within']:.3f} | "
                 f"{q['vel_dev_boundary']:.3f} / {q['vel_dev_within']:.3f} | "
-                f"{q['app_jump_boundary']:.4f} / {q['app_jump_within']:.4f} | — | — | — | — |")
+                f"{q['app_jump_boundary']:.4f} / {q['app_jump_within']:.4f} | — | — | "
+                f"{r['early']['ink_real']:.1f} | — | — |")
     lines.append("")
     lines.append(f"{args.streams} streams x {args.frames} frames per row ({args.streams * args.frames} "
                  f"frames) against as many real test-split frames; stability: {args.long_streams} x "
@@ -136,7 +152,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--frames", type=int, default=128)
-    p.add_argument("--long-streams", type=int, default=2)
+    p.add_argument("--long-streams", type=int, default=8)
     p.add_argument("--long-frames", type=int, default=512)
     p.add_argument("--window", type=int, default=112)
     p.add_argument("--seed", type=int, default=0)
@@ -163,7 +179,7 @@ def main() -> None:
                                                     for r in rows], indent=1))
     gifs = Path(args.gif_dir)
     for r in rows:
-        name = next((f for prefix, f in GIFS.items() if r["label"].startswith(prefix)), None)
+        name = GIFS.get(r["label"])
         if name:
             save_gif(r["_clips"][: args.gif_streams, : args.gif_frames], gifs / name, fps=12, scale=2)
     print(markdown(rows, args))
