@@ -282,3 +282,31 @@ def test_reference_noise_levels_and_weights():
     d.loss({"x": _clips(4)}, 0, "student", StepRNG(0, 0))["loss"].backward()
     assert float(seen["t"][:, :2].max()) > 0  # the net saw noised references
     assert torch.all(seen["v"].grad[:, :2] == 0) and seen["v"].grad[:, 2:].abs().sum() > 0
+
+
+def test_distillation_sees_the_references_as_the_sampler_does():
+    """``ref_noise``: the student's state and every teacher micro-step see the clean references at
+    the sampling level r = ref_noise / 2, the same noised pixels, and the references carry no loss."""
+    d = _distiller_pair()
+    d.cfg.ref_noise = 0.3
+    calls = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, s=None, cond=None):
+            calls.append((x[:, :2].clone(), t[:, :2].clone()))
+            return self.net(x, t, s, cond=cond) if s is not None else self.net(x, t, cond=cond)
+
+    d.teacher = Spy(d.teacher)
+    d.attach_engine({"student": Spy(d.student)})
+    out = d.loss({"x": _clips(3)}, 0, "student", StepRNG(0, 0))
+    assert len(calls) == 5  # 4 teacher micro-steps + the student
+    for refs, t in calls:
+        assert torch.all(t == 0.15)
+        torch.testing.assert_close(refs, calls[0][0], rtol=0, atol=0)  # one noised view for all
+    clean = _clips(3)[:, :2]
+    assert float((calls[0][0] - 0.85 * clean).abs().mean()) > 0.05  # noise was added
+    assert torch.isfinite(out["loss"])

@@ -269,7 +269,7 @@ class StreamDiT(_StreamingMixin, Distiller):
         k = self.cfg.ref_frames
         if self.cfg.ref_noise <= 0 or not k:
             return t
-        r = rng.slice(torch.rand(t.shape[0] * rng.world, generator=rng.generator()) * self.cfg.ref_noise)
+        r = rng.rand(t.shape[0]) * self.cfg.ref_noise
         clean = (t[:, :k] == 0).all(dim=1)
         t = t.clone()
         t[:, :k] = torch.where(clean[:, None], r.to(t)[:, None].expand(-1, k), t[:, :k])

@@ -132,6 +132,22 @@ class StreamDiTDistill(StreamDiT):
         tt = bcast_frames(t.to(x.device, x.dtype), x)
         return (1 - tt) * x + tt * eps
 
+    def noised_reference_view(self, x_t: Tensor, seq: Tensor, rng: StepRNG) -> tuple[Tensor, Tensor]:
+        """With ``ref_noise > 0`` the streaming sampler shows its clean references at level
+        ``r = sampling_ref_noise()`` (:class:`~flowdistill.core.streaming.StreamingSampler`), so the
+        student's states and the teacher's micro-steps see them so too: references at level 0 for
+        the whole segment become ``(1 − r)·x + r·ε`` at level ``r`` (they do not move, ``s = t``, so
+        they carry no loss). One draw per segment, where the sampler draws per call."""
+        k, r = self.cfg.ref_frames, self.cfg.sampling_ref_noise()
+        if r <= 0 or not k:
+            return x_t, seq
+        clean = (seq[:, :, :k] == 0).flatten(1).all(dim=1)
+        eps = rng.randn(*x_t[:, :k].shape).to(x_t)
+        x_t, seq = x_t.clone(), seq.clone()
+        x_t[clean, :k] = (1 - r) * x_t[clean, :k] + r * eps[clean]
+        seq[clean, :, :k] = r
+        return x_t, seq
+
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
         """``‖u_θ(X_t, t⃗, s⃗) − (X_T − X_t)/(s⃗ − t⃗)‖²`` on the frames that move (module docstring)."""
         x = batch["x"]
@@ -145,7 +161,8 @@ class StreamDiTDistill(StreamDiT):
         else:
             x_t = self._pool_states(x, step, rng)
             seq = self.micro_levels()[None].expand(b, -1, -1).to(x)
-            t, s = seq[:, 0], seq[:, -1]
+        x_t, seq = self.noised_reference_view(x_t, seq, rng)
+        t, s = seq[:, 0], seq[:, -1]
         x_target = self.teacher_target(x_t, seq, cond)
         gap = s - t
         safe = torch.where(gap.abs() > 0, gap, torch.ones_like(gap))  # frames that stay: s = t
