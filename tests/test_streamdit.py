@@ -46,7 +46,7 @@ def _clips(n: int, seed: int = 0) -> torch.Tensor:
 def test_registered_and_configs_load():
     assert DISTILLERS.get("streamdit") is StreamDiT
     assert DISTILLERS.get("streamdit_distill") is StreamDiTDistill
-    for name in ("mixed", "single", "diagonal", "full_sequence", "distill"):
+    for name in ("mixed", "single", "diagonal", "full_sequence", "distill", "refnoise", "distill_refnoise"):
         cfg = load_config(CONFIGS / f"streamdit_{name}.yaml")
         assert cfg.data.name == "bouncing_digits" and cfg.data.params["frames"] == cfg.distiller.buffer_frames
 
