@@ -43,6 +43,20 @@ def _clips(n: int, seed: int = 0) -> torch.Tensor:
     return generate_clips(n, 6, size=16, digit_size=6, generator=torch.Generator().manual_seed(seed)).frames
 
 
+class Spy(torch.nn.Module):
+    """Wraps a net; keeps its last output (with its gradient retained) and time input in ``seen``."""
+
+    def __init__(self, net, seen: dict):
+        super().__init__()
+        self.net, self.seen = net, seen
+
+    def forward(self, x, t, s=None, cond=None):
+        v = self.net(x, t, s, cond=cond)
+        v.retain_grad()
+        self.seen["v"], self.seen["t"] = v, t
+        return v
+
+
 def test_registered_and_configs_load():
     assert DISTILLERS.get("streamdit") is StreamDiT
     assert DISTILLERS.get("streamdit_distill") is StreamDiTDistill
@@ -124,18 +138,8 @@ def test_reference_frames_carry_no_loss():
     d = StreamDiT(cfg, _tiny_net())
     seen = {}
 
-    class Spy(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
 
-        def forward(self, x, t, s=None, cond=None):
-            v = self.net(x, t, s, cond=cond)
-            v.retain_grad()
-            seen["v"] = v
-            return v
-
-    d.attach_engine({"student": Spy(d.student)})
+    d.attach_engine({"student": Spy(d.student, seen)})
     d.loss({"x": _clips(4)}, 0, "student", StepRNG(0, 0))["loss"].backward()
     g = seen["v"].grad
     assert torch.all(g[:, :2] == 0) and g[:, 2:].abs().sum() > 0
@@ -266,19 +270,9 @@ def test_reference_noise_levels_and_weights():
     torch.testing.assert_close(noised[:, 2:], t[:, 2:], rtol=0, atol=0)
     seen = {}
 
-    class Spy(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x, t, s=None, cond=None):
-            v = self.net(x, t, s, cond=cond)
-            v.retain_grad()
-            seen["v"], seen["t"] = v, t
-            return v
 
     d.cfg.warmup_share = 0.0
-    d.attach_engine({"student": Spy(d.student)})
+    d.attach_engine({"student": Spy(d.student, seen)})
     d.loss({"x": _clips(4)}, 0, "student", StepRNG(0, 0))["loss"].backward()
     assert float(seen["t"][:, :2].max()) > 0  # the net saw noised references
     assert torch.all(seen["v"].grad[:, :2] == 0) and seen["v"].grad[:, 2:].abs().sum() > 0
@@ -291,7 +285,7 @@ def test_distillation_sees_the_references_as_the_sampler_does():
     d.cfg.ref_noise = 0.3
     calls = []
 
-    class Spy(torch.nn.Module):
+    class Recorder(torch.nn.Module):
         def __init__(self, net):
             super().__init__()
             self.net = net
@@ -300,8 +294,8 @@ def test_distillation_sees_the_references_as_the_sampler_does():
             calls.append((x[:, :2].clone(), t[:, :2].clone()))
             return self.net(x, t, s, cond=cond) if s is not None else self.net(x, t, cond=cond)
 
-    d.teacher = Spy(d.teacher)
-    d.attach_engine({"student": Spy(d.student)})
+    d.teacher = Recorder(d.teacher)
+    d.attach_engine({"student": Recorder(d.student)})
     out = d.loss({"x": _clips(3)}, 0, "student", StepRNG(0, 0))
     assert len(calls) == 5  # 4 teacher micro-steps + the student
     for refs, t in calls:
