@@ -61,6 +61,9 @@ def add_stream_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None
     sp.add_argument("--partition", type=_pair, default=None, metavar="C,S",
                     help="stream with chunks of C frames and S micro-steps each (default: the run's "
                          "distiller.sample_partition), e.g. 8,16 = one chunk: non-overlapping chunks")
+    sp.add_argument("--solver", default=None, choices=("euler", "heun"),
+                    help="a teacher's streaming solver (default: the run's distiller.sample_solver; "
+                         "heun costs two network calls per step)")
     sp.add_argument("--teacher-steps", action="store_true",
                     help="a distilled student steps micro-step by micro-step (N·s calls a pass, as its "
                          "teacher) instead of one call per chunk interval (N calls)")
@@ -89,12 +92,15 @@ def cmd_stream(args: argparse.Namespace) -> None:
     if args.teacher_steps and not distiller.student_two_time:
         raise FlowDistillError("--teacher-steps is for distilled (two-time) students; a teacher always steps "
                                "micro-step by micro-step")
+    if args.solver == "heun" and distiller.student_two_time:
+        raise FlowDistillError("--solver heun is for teachers; a distilled student jumps a chunk interval "
+                               "in one call (euler)")
     bar = _Progress(args.frames)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     clips, smp = distiller.stream(args.n, args.frames, g, model=run.student.eval(),
                                   teacher_steps=args.teacher_steps, callback=bar.update,
-                                  partition=args.partition)
+                                  partition=args.partition, solver=args.solver)
     sec = time.perf_counter() - t0
     bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)

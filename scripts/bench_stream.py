@@ -1,15 +1,18 @@
 """StreamDiT benchmark on the built-in bouncing digits (docs/streamdit.md, issue #16).
 
-Rows (each a trained run, streamed with its own sampling partition):
+Rows (each a trained run, streamed with its own sampling partition; teachers with Heun, 2 network
+evaluations a step, unless the row says Euler):
 
-* ``baseline (non-overlapping chunks)`` — the full-sequence model (``configs/streamdit_full_sequence
-  .yaml``, one chunk of 8 frames): chunk after chunk, each conditioned on the last K = 2 emitted
-  frames as clean references only (no overlap in noise levels);
+* ``baseline: non-overlapping chunks`` — the mixed model streamed with one chunk of 8 frames
+  ([c, s] = [8, 16]), and the full-sequence model (``configs/streamdit_full_sequence.yaml``): chunk
+  after chunk, each conditioned on the last K = 2 emitted frames as clean references only (no
+  overlap in noise levels);
 * ``single partition`` (``configs/streamdit_single.yaml``) and ``mixed partitions``
-  (``configs/streamdit_mixed.yaml``), streamed with [c, s] = [2, 4];
-* ``distilled student`` (``configs/streamdit_distill.yaml``): one call per chunk interval;
-* ``mixed partitions + reference noise`` (the mixed teacher fine-tuned with ``distiller.ref_noise``,
-  docs/streamdit.md) and its distilled student.
+  (``configs/streamdit_mixed.yaml``), streamed with [c, s] = [2, 4]; the mixed teacher also with
+  Euler (16 evaluations a pass), where long streams lose their digits;
+* ``distilled student`` (``configs/streamdit_distill.yaml``, 4 Heun micro-steps as the target): one
+  call per chunk interval; and the student of the earlier Euler target (the target ablation);
+* ``mixed partitions + error recycling`` (``configs/streamdit_recycle.yaml``).
 
 For each: ``--streams`` streams of ``--frames`` frames (≥ 1000 frames in all) scored by
 :func:`flowdistill.eval.video_metrics.video_report` against as many real frames (test-split
@@ -18,14 +21,16 @@ the stability check (frames 400–512 vs 0–112: frame FID, position error, ink
 per network call (per stream; the calls are batched over the streams) and frames per second of
 the whole batch on this CPU. Writes ``OUT.md`` and ``OUT.json``, and the teacher / student GIFs.
 
-    OMP_NUM_THREADS=1 python scripts/bench_stream.py --out docs/streamdit_bench
+    OMP_NUM_THREADS=1 python scripts/bench_stream.py --jobs 2 --out docs/streamdit_bench
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,17 +40,18 @@ from flowdistill.data.bouncing_digits import reference_clips
 from flowdistill.eval.video_io import save_gif
 from flowdistill.eval.video_metrics import video_report
 
-#: (label, run, streamed partition [c, s] or None = the run's own).
-ROWS = (("baseline: non-overlapping chunks, mixed model", "runs/streamdit_mixed", (8, 16)),
-        ("baseline: non-overlapping chunks, full-sequence model", "runs/streamdit_full_sequence", None),
-        ("single partition", "runs/streamdit_single", None),
-        ("mixed partitions", "runs/streamdit_mixed", None),
-        ("distilled student", "runs/streamdit_distill", None),
-        ("mixed partitions + reference noise", "runs/streamdit_mixed_refnoise", None),
-        ("distilled student of it", "runs/streamdit_distill_refnoise", None))
+#: (label, run, streamed partition [c, s] or None = the run's own, teacher solver or None = the run's).
+ROWS = (("baseline: non-overlapping chunks, mixed model", "runs/streamdit_mixed", (8, 16), "heun"),
+        ("baseline: non-overlapping chunks, full-sequence model", "runs/streamdit_full_sequence", None,
+         "heun"),
+        ("single partition", "runs/streamdit_single", None, "heun"),
+        ("mixed partitions, Euler", "runs/streamdit_mixed", None, "euler"),
+        ("mixed partitions", "runs/streamdit_mixed", None, "heun"),
+        ("distilled student", "runs/streamdit_distill", None, None),
+        ("distilled student, Euler target", "runs/streamdit_distill_euler", None, None),
+        ("mixed partitions + error recycling", "runs/streamdit_recycle", None, "heun"))
 #: GIF file per row label (the README's teacher / student streams).
-GIFS = {"mixed partitions + reference noise": "stream_teacher.gif",
-        "distilled student of it": "stream_student.gif"}
+GIFS = {"mixed partitions": "stream_teacher.gif", "distilled student": "stream_student.gif"}
 
 
 def boundaries(frames: int, chunk: int) -> torch.Tensor:
@@ -53,11 +59,13 @@ def boundaries(frames: int, chunk: int) -> torch.Tensor:
     return (torch.arange(1, frames) % chunk) == 0
 
 
-def stream_run(run, n: int, frames: int, seed: int, partition=None) -> tuple[torch.Tensor, dict]:
-    """Stream ``n × frames`` from a loaded run; the clips and the speed figures."""
+def stream_run(run, n: int, frames: int, seed: int, partition=None, solver=None) -> tuple[torch.Tensor, dict]:
+    """Stream ``n × frames`` from a loaded run; the clips and the speed figures (calls = network
+    evaluations: a Heun step counts two)."""
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    clips, smp = run.distiller.stream(n, frames, g, model=run.student.eval(), partition=partition)
+    clips, smp = run.distiller.stream(n, frames, g, model=run.student.eval(), partition=partition,
+                                      solver=solver)
     sec = time.perf_counter() - t0
     clips = clips.clamp(-1, 1)  # pixel range, as `flowdistill stream` writes them
     nfe = int(smp.nfe)
@@ -83,15 +91,18 @@ def score(clips: torch.Tensor, params: dict, chunk: int, seed: int) -> dict:
     return {k: float(v) for k, v in rep.items()}
 
 
-def bench_row(label: str, run_dir: str, partition, args) -> dict:
+def bench_row(label: str, run_dir: str, partition, solver, args) -> dict:
     """One row: the main streams, the speed, the stability streams."""
+    if args.jobs > 1:
+        torch.set_num_threads(1)
     run = load_run(run_dir)
     part = run.distiller.streaming_partition(partition)
+    smp = run.distiller.sampler(run.student, part, solver=solver)
     params = dict(run.cfg.data.params)
-    clips, speed = stream_run(run, args.streams, args.frames, args.seed, partition)
+    clips, speed = stream_run(run, args.streams, args.frames, args.seed, partition, solver)
     row = {"label": label, "run": run_dir, "partition": [part.ref, part.chunks, part.chunk, part.micro],
-           **speed, **score(clips, params, part.chunk, args.seed + 1)}
-    long, _ = stream_run(run, args.long_streams, args.long_frames, args.seed + 2, partition)
+           "solver": smp.solver, **speed, **score(clips, params, part.chunk, args.seed + 1)}
+    long, _ = stream_run(run, args.long_streams, args.long_frames, args.seed + 2, partition, solver)
     w = args.window
     early = score(long[:, :w], params, part.chunk, args.seed + 3)
     late = score(long[:, args.long_frames - w:], params, part.chunk, args.seed + 3)
@@ -108,7 +119,7 @@ def bench_row(label: str, run_dir: str, partition, args) -> dict:
 
 def markdown(rows: list[dict], args) -> str:
     """The table of the doc."""
-    head = ("| row | K,N,c,s | frame FID (floor) | KID | pos. error | vel. jump bound./within | "
+    head = ("| row | K,N,c,s solver | frame FID (floor) | KID | pos. error | vel. jump bound./within | "
             "vel. dev bound./within | app. jump bound./within | FID 400–512 / 0–112 | "
             "pos. err 400–512 / 0–112 | ink 400–512 / 0–112 | frames/call | frames/s |")
     lines = [head, "|" + "---|" * 13]
@@ -118,7 +129,8 @@ def markdown(rows: list[dict], args) -> str:
         app = r["app_jump_boundary"] / max(r["app_jump_within"], 1e-12)
         dev = r["vel_dev_boundary"] / max(r["vel_dev_within"], 1e-12)
         lines.append(
-            f"| {r['label']} | {','.join(map(str, r['partition']))} | {r['frame_fid']:.2f} "
+            f"| {r['label']} | {','.join(map(str, r['partition']))} {r.get('solver', '')} | "
+            f"{r['frame_fid']:.2f} "
             f"({r['frame_fid_floor']:.2f}) | {r['frame_kid']:.4f} | {r['pos_error']:.3f} | "
             f"{r['vel_jump_boundary']:.3f} / {r['vel_jump_within']:.3f} = {vel:.2f}x | "
             f"{r['vel_dev_boundary']:.3f} / {r['vel_dev_within']:.3f} = {dev:.2f}x | "
@@ -160,6 +172,7 @@ def main() -> None:
     p.add_argument("--gif-dir", default="docs/img")
     p.add_argument("--gif-frames", type=int, default=48)
     p.add_argument("--gif-streams", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=1, help="rows run in this many processes (one thread each)")
     p.add_argument("--rows", default="", help="comma-separated row indices (default: all with a run)")
     p.add_argument("--extra", action="append", default=[], metavar="LABEL=RUN[@C,S]",
                    help="also bench RUN as row LABEL, streamed with partition [C, S] (default: the run's "
@@ -167,11 +180,16 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(args.seed)
     pick = [int(i) for i in args.rows.split(",") if i.strip()] or list(range(len(ROWS)))
-    rows = [bench_row(label, run, part, args) for i, (label, run, part) in enumerate(ROWS)
+    todo = [(label, run, part, solver) for i, (label, run, part, solver) in enumerate(ROWS)
             if i in pick and (Path(run) / "student").is_dir()]
     for label, spec in (e.split("=", 1) for e in args.extra):
         run, _, pair = spec.partition("@")
-        rows.append(bench_row(label, run, tuple(int(v) for v in pair.split(",")) if pair else None, args))
+        todo.append((label, run, tuple(int(v) for v in pair.split(",")) if pair else None, None))
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(bench_row, *zip(*todo, strict=True), [args] * len(todo)))
+    else:
+        rows = [bench_row(*job, args) for job in todo]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown(rows, args))

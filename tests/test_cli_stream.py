@@ -34,6 +34,17 @@ def test_stream_writes_a_gif_with_the_requested_frames(run_dir, tmp_path, capsys
     assert "frames per network call" in out and "frames per second" in out
 
 
+def test_stream_solver_heun_doubles_the_calls(run_dir, tmp_path, capsys):
+    """``--solver heun`` streams the teacher with two network calls per step (the printed count)."""
+    calls = {}
+    for solver in ("euler", "heun"):
+        code, out, err = main_in_process(capsys, "stream", str(run_dir), "--frames", "6", "--solver", solver,
+                                         "--out", str(tmp_path / f"{solver}.gif"))
+        assert code == 0, err
+        calls[solver] = int(out.split(": ")[1].split(" network calls")[0])
+    assert calls["heun"] == 2 * calls["euler"] > 0
+
+
 def test_stream_errors_are_one_line(run_dir, tmp_path, capsys):
     code, _, err = main_in_process(capsys, "stream", str(run_dir), "--out", str(tmp_path / "clip.avi"))
     assert code == 2 and err.strip().startswith("error:") and ".gif or .mp4" in err

@@ -52,7 +52,8 @@ class Spy(torch.nn.Module):
 
     def forward(self, x, t, s=None, cond=None):
         v = self.net(x, t, s, cond=cond)
-        v.retain_grad()
+        if v.requires_grad:
+            v.retain_grad()
         self.seen["v"], self.seen["t"] = v, t
         return v
 
@@ -60,7 +61,7 @@ class Spy(torch.nn.Module):
 def test_registered_and_configs_load():
     assert DISTILLERS.get("streamdit") is StreamDiT
     assert DISTILLERS.get("streamdit_distill") is StreamDiTDistill
-    for name in ("mixed", "single", "diagonal", "full_sequence", "distill", "refnoise", "distill_refnoise"):
+    for name in ("mixed", "single", "diagonal", "full_sequence", "distill", "refnoise", "distill_refnoise", "recycle"):
         cfg = load_config(CONFIGS / f"streamdit_{name}.yaml")
         assert cfg.data.name == "bouncing_digits" and cfg.data.params["frames"] == cfg.distiller.buffer_frames
 
@@ -214,6 +215,12 @@ def test_config_errors_name_their_key():
         StreamDiTDistillConfig(partitions=[[2, 2], [1, 1]]).validate()
     with pytest.raises(ConfigError, match="distiller.states"):
         StreamDiTDistillConfig(states="rollout").validate()
+    with pytest.raises(ConfigError, match="distiller.teacher_solver"):
+        StreamDiTDistillConfig(teacher_solver="rk4").validate()
+    with pytest.raises(ConfigError, match="distiller.sample_solver"):
+        StreamDiTConfig(sample_solver="midpoint").validate()
+    with pytest.raises(ConfigError, match="distiller.ref_recycle"):
+        StreamDiTConfig(ref_recycle=1.0).validate()
     d = StreamDiT(StreamDiTConfig(buffer_frames=6, ref_frames=2, partitions=[[2, 2]]), _tiny_net())
     with pytest.raises(ConfigError, match="data.params.frames=6"):
         d.loss({"x": torch.zeros(2, 5, 1, 16, 16)}, 0, "student", StepRNG(0, 0))
@@ -304,3 +311,67 @@ def test_distillation_sees_the_references_as_the_sampler_does():
     clean = _clips(3)[:, :2]
     assert float((calls[0][0] - 0.85 * clean).abs().mean()) > 0.05  # noise was added
     assert torch.isfinite(out["loss"])
+
+
+def test_heun_teacher_target_is_s_heun_micro_steps():
+    """``teacher_solver: heun``: the target is ``s`` Heun micro-steps of the teacher (two calls each),
+    the references do not move, and it differs from the Euler target (the teacher is curved)."""
+    d = _distiller_pair()
+    x = _clips(2)
+    lv = d.micro_levels()
+    x_t = d.start_states(x, lv[0].expand(2, -1), StepRNG(0, 0))
+    euler = d.teacher_target(x_t, lv, None)
+    d.cfg.teacher_solver = "heun"
+    target = d.teacher_target(x_t, lv, None)
+    torch.testing.assert_close(target[:, :2], x_t[:, :2], rtol=0, atol=0)
+    x = x_t.clone()
+    with torch.no_grad():
+        for m in range(4):
+            dt = (lv[m + 1] - lv[m])[None, :, None, None, None]
+            v1 = d.teacher(x, lv[m].expand(2, -1))
+            v2 = d.teacher(x + dt * v1, lv[m + 1].expand(2, -1))
+            x = x + dt * (v1 + v2) / 2
+    torch.testing.assert_close(target, x, rtol=0, atol=1e-6)  # same ops in float32
+    assert float((target - euler).abs().max()) > 1e-3
+
+
+def test_sample_solver_sets_the_teachers_streaming_solver():
+    """``sample_solver: heun`` (or ``stream(solver=...)``): the teacher streams with Heun at two calls
+    per step; a two-time student always jumps with one call."""
+    cfg = StreamDiTConfig(buffer_frames=6, ref_frames=2, partitions=[[2, 2]], sample_solver="heun")
+    d = StreamDiT(cfg, _tiny_net())
+    clips, smp = d.stream(1, 4, torch.Generator().manual_seed(0), model=d.student.eval())
+    assert smp.solver == "heun" and clips.shape == (1, 4, 1, 16, 16)
+    _, smp_e = d.stream(1, 4, torch.Generator().manual_seed(0), model=d.student.eval(), solver="euler")
+    assert smp.nfe == 2 * smp_e.nfe
+    assert _distiller_pair().sampler(_distiller_pair().student, solver="heun").solver == "euler"
+
+
+def test_recycled_references_are_the_nets_own_reconstruction():
+    """``ref_recycle``: in the chosen buffers with clean references, the references become
+    ``x̃ − r·v(x̃, r)`` with ``x̃`` the references noised to ``r ≤ ref_recycle`` and every other frame
+    pure noise at ``t = 1``; buffers not chosen, and warm-up buffers, keep the true references; the
+    continuation frames (the targets) are never touched."""
+    cfg = StreamDiTConfig(buffer_frames=6, ref_frames=2, partitions=[[2, 2]], warmup_share=0.5,
+                          ref_recycle=0.4, ref_recycle_share=0.5)
+    torch.manual_seed(0)
+    d = StreamDiT(cfg, _tiny_net())
+    x = _clips(32)
+    t, _ = d.training_levels(32, StepRNG(0, 0))
+    seen = {}
+    d.attach_engine({"student": Spy(d.student, seen)})
+    out = d.recycle_references(x, t, StepRNG(0, 1))
+    torch.testing.assert_close(out[:, 2:], x[:, 2:], rtol=0, atol=0)
+    changed = (out[:, :2] != x[:, :2]).flatten(1).any(dim=1)
+    clean = (t[:, :2] == 0).all(dim=1)
+    assert changed.any() and (clean & ~changed).any()  # a share, not all
+    assert not (changed & ~clean).any()  # warm-up buffers keep theirs
+    r = seen["t"][:, 0]
+    assert torch.all(seen["t"][:, :2] == r[:, None]) and torch.all(seen["t"][:, 2:] == 1)
+    assert float(r.max()) <= 0.4 and float(r.min()) >= 0
+    # the reconstruction x̃ − r·v from the recorded call, where chosen
+    rc = r[changed, None, None, None, None]
+    x_in_refs = out[changed, :2] + rc * seen["v"][changed, :2]
+    assert float((x_in_refs - (1 - rc) * x[changed, :2]).std()) > 0.01  # the net saw noised references
+    d.cfg.ref_recycle = 0.0
+    assert d.recycle_references(x, t, StepRNG(0, 1)) is x

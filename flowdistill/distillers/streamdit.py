@@ -51,7 +51,7 @@ from flowdistill.core.stream_schedule import (
     sample_training_levels,
     warmup_indices,
 )
-from flowdistill.core.streaming import StreamingSampler
+from flowdistill.core.streaming import SOLVERS, StreamingSampler
 from flowdistill.distillers.base import Distiller, DistillerConfig, check_names, register_distiller
 from flowdistill.errors import ConfigError
 
@@ -75,7 +75,10 @@ class StreamDiTConfig(DistillerConfig):
     warmup_share: float = 0.15  # share of the batch at the sampler's warm-up levels (cold start)
     ref_noise: float = 0.0  # train: clean references noised to r ~ U(0, ref_noise) (0: off)
     ref_noise_sample: float = -1.0  # stream: references seen at this level (negative: ref_noise / 2)
+    ref_recycle: float = 0.0  # train: references replaced by the net's own x̂ from level r ~ U(0, this)
+    ref_recycle_share: float = 0.5  # share of the buffers with clean references that are recycled
     loss: str = "l2"
+    sample_solver: str = "euler"  # the streaming sampler's solver for a velocity model: euler | heun
     sample_partition: list[int] = field(default_factory=list)  # [c, s] streamed; empty: the first
 
     def validate(self) -> None:
@@ -101,6 +104,12 @@ class StreamDiTConfig(DistillerConfig):
         if not 0.0 <= self.ref_noise < 1.0 or self.ref_noise_sample >= 1.0:
             raise ConfigError(f"distiller.ref_noise must be in [0, 1) and distiller.ref_noise_sample < 1, "
                               f"got {self.ref_noise}, {self.ref_noise_sample}")
+        if self.sample_solver not in SOLVERS:
+            raise ConfigError(f"distiller.sample_solver must be one of {', '.join(SOLVERS)}, "
+                              f"got {self.sample_solver!r}")
+        if not 0.0 <= self.ref_recycle < 1.0 or not 0.0 <= self.ref_recycle_share <= 1.0:
+            raise ConfigError(f"distiller.ref_recycle must be in [0, 1) and distiller.ref_recycle_share in "
+                              f"[0, 1], got {self.ref_recycle}, {self.ref_recycle_share}")
         if not 0.0 <= self.warmup_share <= 1.0:
             raise ConfigError(f"distiller.warmup_share must be in [0, 1], got {self.warmup_share}")
         if self.sample_partition:
@@ -152,16 +161,18 @@ class _StreamingMixin:
         return partition_grid(part, shift=self.cfg.grid_shift)
 
     def sampler(self, model: nn.Module, part: Partition | None = None,
-                teacher_steps: bool = False) -> StreamingSampler:
+                teacher_steps: bool = False, solver: str | None = None) -> StreamingSampler:
         """A :class:`StreamingSampler` for ``model`` on ``part`` (default the sampling partition).
 
         A two-time student covers a chunk's ``s`` micro-steps in one call (``steps_per_call = s``)
         unless ``teacher_steps``: then it steps grid index by grid index (``N·s`` calls a pass),
-        jumping ``g_{i+1} → g_i`` each call."""
+        jumping ``g_{i+1} → g_i`` each call. A velocity model (the teacher) steps with ``solver``
+        (default ``sample_solver``; Heun: two evaluations a call)."""
         part = part or self.cfg.sampling_partition()
         two_time = bool(self.student_two_time)
         steps = part.micro if two_time and not teacher_steps else 1
         return StreamingSampler(model, part, grid=self.grid_of(part), steps_per_call=steps, two_time=two_time,
+                                solver="euler" if two_time else (solver or self.cfg.sample_solver),
                                 ref_noise=self.cfg.sampling_ref_noise())
 
     def streaming_partition(self, pair: list[int] | tuple[int, int] | None = None) -> Partition:
@@ -177,12 +188,15 @@ class _StreamingMixin:
     @torch.no_grad()
     def stream(self, n: int, num_frames: int, generator: torch.Generator, model: nn.Module | None = None,
                teacher_steps: bool = False, callback=None,
-               partition: list[int] | tuple[int, int] | None = None) -> tuple[Tensor, StreamingSampler]:
+               partition: list[int] | tuple[int, int] | None = None,
+               solver: str | None = None) -> tuple[Tensor, StreamingSampler]:
         """Stream ``num_frames`` frames for ``n`` independent clips (on ``partition`` ``[c, s]``,
-        default the sampling partition); returns the clips ``[n, num_frames, C, H, W]`` and the
-        sampler (its ``nfe`` / ``frames_emitted`` counters)."""
+        default the sampling partition; a teacher with ``solver``, default ``sample_solver``);
+        returns the clips ``[n, num_frames, C, H, W]`` and the sampler (its ``nfe`` /
+        ``frames_emitted`` counters)."""
         net = model if model is not None else self.student  # type: ignore[attr-defined]
-        smp = self.sampler(net, self.streaming_partition(partition), teacher_steps=teacher_steps)
+        smp = self.sampler(net, self.streaming_partition(partition), teacher_steps=teacher_steps,
+                           solver=solver)
         return smp.stream(n, num_frames, generator, callback=callback), smp
 
     def _stream_sample(self, noise: Tensor, model: nn.Module) -> Tensor:
@@ -275,6 +289,37 @@ class StreamDiT(_StreamingMixin, Distiller):
         t[:, :k] = torch.where(clean[:, None], r.to(t)[:, None].expand(-1, k), t[:, :k])
         return t
 
+    def recycle_references(self, x: Tensor, t: Tensor, rng: StepRNG, cond: Tensor | None = None) -> Tensor:
+        """Error recycling (``ref_recycle > 0``): in a share ``ref_recycle_share`` of the buffers whose
+        references are clean, replace the ``K`` references by the net's own reconstruction
+
+            x̂_ref = x̃ − r·v_θ(x̃, r)_ref,   x̃_ref = (1 − r)·X_ref + r·ε,   r ~ U(0, ref_recycle),
+
+        (no gradient; the other frames enter as pure noise at ``t = 1``, so the reconstruction sees
+        only the references), and keep the *true* continuation as the target. In a stream the
+        references are the net's own outputs — blurred, reshaped digits — and a net trained only on
+        true references copies those errors, which compound until the digits vanish (measured,
+        docs/streamdit.md). Trained this way the net maps its own kind of error back to a sharp
+        continuation. Same idea as Stable Video Infinity's error-recycling fine-tuning
+        (arXiv 2510.09212), with a one-call reconstruction as the error source."""
+        k = self.cfg.ref_frames
+        if self.cfg.ref_recycle <= 0 or not k:
+            return x
+        b = x.shape[0]
+        r = (rng.rand(b) * self.cfg.ref_recycle).to(x)
+        use = (rng.rand(b) < self.cfg.ref_recycle_share).to(x.device) & (t[:, :k] == 0).all(dim=1)
+        eps = rng.randn(b, *x.shape[1:]).to(x)
+        rr = r[:, None, None, None, None]
+        x_in = torch.cat([(1 - rr) * x[:, :k] + rr * eps[:, :k], eps[:, k:]], dim=1)
+        t_in = torch.ones_like(t)
+        t_in[:, :k] = r[:, None]
+        with torch.no_grad():
+            v = self.net("student")(x_in, t_in, cond=cond)
+        x_hat = x_in[:, :k] - rr * v[:, :k]
+        x = x.clone()
+        x[:, :k] = torch.where(use[:, None, None, None, None], x_hat, x[:, :k])
+        return x
+
     def loss(self, batch: dict[str, Tensor], step: int, group: str, rng: StepRNG) -> dict[str, Tensor]:
         """Per-frame flow matching at the staircase levels (module docstring)."""
         x = batch["x"]
@@ -282,6 +327,7 @@ class StreamDiT(_StreamingMixin, Distiller):
         b = x.shape[0]
         t, pid = self.training_levels(b, rng)
         t = t.to(x.device, x.dtype)
+        x = self.recycle_references(x, t, rng, batch.get("cond"))
         weights = self.frame_weights(t)
         t = self.noise_references(t, rng)
         eps = rng.randn(b, *x.shape[1:]).to(x.device, x.dtype)

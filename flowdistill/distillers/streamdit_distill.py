@@ -6,9 +6,10 @@ the buffer and the staircase are in :mod:`flowdistill.distillers.streamdit`.
 (``u(x, t, s) = v(x, t)`` at initialisation) covers each chunk's ``s`` micro-steps in one call, so
 a pass costs ``N`` calls instead of ``N·s``. For the distilled partition, the state is the buffer
 at micro-step ``m = 0`` (chunk ``j`` at ``t_j = g[j·s + s]``) and the target is the teacher's own
-``s`` Euler micro-steps from it, all chunks at once, to ``s_j = g[j·s]``:
+``s`` micro-steps from it (``teacher_solver``: Euler or Heun), all chunks at once, to
+``s_j = g[j·s]``:
 
-    X_T = Euler_teacher^{s}(X_t),     u* = (X_T − X_t)/(s⃗ − t⃗)  (per frame),
+    X_T = Solver_teacher^{s}(X_t),     u* = (X_T − X_t)/(s⃗ − t⃗)  (per frame),
     L   = mean_{f ≥ K} ‖u_θ(X_t, t⃗, s⃗)_f − sg(u*_f)‖².
 
 The regression is in average-velocity units (``‖·‖/|s − t|`` of the state error), so chunks with a
@@ -37,7 +38,8 @@ from torch import Tensor, nn
 
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.stream_schedule import buffer_levels
-from flowdistill.distillers.base import check_names, register_distiller
+from flowdistill.core.streaming import SOLVERS
+from flowdistill.distillers.base import register_distiller
 from flowdistill.distillers.streamdit import StreamDiT, StreamDiTConfig, per_frame_loss
 from flowdistill.errors import ConfigError
 
@@ -53,7 +55,7 @@ class StreamDiTDistillConfig(StreamDiTConfig):
     states: str = "data"  # data | teacher (see the module docstring)
     pool_size: int = 64  # states="teacher": streams kept in the pool
     pool_refresh: int = 20  # states="teacher": steps between advancing the pool one pass
-    teacher_solver: str = "euler"  # the teacher's micro-step solver (the sampler's)
+    teacher_solver: str = "euler"  # the teacher's micro-step solver in the target: euler | heun
 
     def validate(self) -> None:
         """As the teacher's, plus: exactly one partition; a known state source."""
@@ -65,7 +67,9 @@ class StreamDiTDistillConfig(StreamDiTConfig):
             raise ConfigError(f"distiller.states must be one of {', '.join(STATES)}, got {self.states!r}")
         if self.pool_size < 1 or self.pool_refresh < 1:
             raise ConfigError("distiller.pool_size and distiller.pool_refresh must be >= 1")
-        check_names(solver=self.teacher_solver)
+        if self.teacher_solver not in SOLVERS:
+            raise ConfigError(f"distiller.teacher_solver must be one of {', '.join(SOLVERS)}, "
+                              f"got {self.teacher_solver!r}")
 
 
 
@@ -114,16 +118,25 @@ class StreamDiTDistill(StreamDiT):
 
     @torch.no_grad()
     def teacher_target(self, x_t: Tensor, levels: Tensor, cond: Tensor | None) -> Tensor:
-        """The teacher's ``s`` Euler micro-steps along ``levels [b, s + 1, B]`` (or ``[s + 1, B]``),
-        all chunks at once: ``x ← x + (t_{m+1} − t_m)·v_T(x, t_m)`` per frame (frames whose level
-        does not change, the references, do not move)."""
+        """The teacher's ``s`` micro-steps along ``levels [b, s + 1, B]`` (or ``[s + 1, B]``), all
+        chunks at once, with ``teacher_solver`` (per frame, ``Δ = t_{m+1} − t_m``):
+
+            euler:  x ← x + Δ·v_T(x, t_m)
+            heun:   x' = x + Δ·v_T(x, t_m),   x ← x + Δ·(v_T(x, t_m) + v_T(x', t_{m+1}))/2
+
+        (frames whose level does not change, the references, do not move). Heun is the teacher's
+        streaming solver when it is the better sampler (docs/streamdit.md: with Euler the 16-step
+        teacher's long streams lose their digits), at two teacher calls per micro-step."""
         b = x_t.shape[0]
         lv = levels.to(x_t.device, x_t.dtype)
         lv = lv[None].expand(b, -1, -1) if lv.ndim == 2 else lv
         x = x_t
         for m in range(lv.shape[1] - 1):
             dt = bcast_frames(lv[:, m + 1] - lv[:, m], x)
-            x = x + dt * self.teacher(x, lv[:, m], cond=cond)
+            v = self.teacher(x, lv[:, m], cond=cond)
+            if self.cfg.teacher_solver == "heun":
+                v = (v + self.teacher(x + dt * v, lv[:, m + 1], cond=cond)) / 2
+            x = x + dt * v
         return x
 
     def start_states(self, x: Tensor, t: Tensor, rng: StepRNG) -> Tensor:
