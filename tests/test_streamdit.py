@@ -62,7 +62,7 @@ def test_registered_and_configs_load():
     assert DISTILLERS.get("streamdit") is StreamDiT
     assert DISTILLERS.get("streamdit_distill") is StreamDiTDistill
     for name in ("mixed", "single", "diagonal", "full_sequence", "distill", "refnoise", "distill_refnoise",
-                 "recycle"):
+                 "recycle", "k4", "k2_more"):
         cfg = load_config(CONFIGS / f"streamdit_{name}.yaml")
         assert cfg.data.name == "bouncing_digits" and cfg.data.params["frames"] == cfg.distiller.buffer_frames
 
