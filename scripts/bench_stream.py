@@ -69,7 +69,8 @@ def stream_run(run, n: int, frames: int, seed: int, partition=None, solver=None)
     sec = time.perf_counter() - t0
     clips = clips.clamp(-1, 1)  # pixel range, as `flowdistill stream` writes them
     nfe = int(smp.nfe)
-    return clips, {"seconds": sec, "calls_per_stream": nfe, "frames_per_call": frames / nfe,
+    return clips, {"solver": smp.solver, "seconds": sec, "calls_per_stream": nfe,
+                   "frames_per_call": frames / nfe,
                    "frames_per_second": n * frames / sec}
 
 
@@ -97,11 +98,10 @@ def bench_row(label: str, run_dir: str, partition, solver, args) -> dict:
         torch.set_num_threads(1)
     run = load_run(run_dir)
     part = run.distiller.streaming_partition(partition)
-    smp = run.distiller.sampler(run.student, part, solver=solver)
     params = dict(run.cfg.data.params)
     clips, speed = stream_run(run, args.streams, args.frames, args.seed, partition, solver)
     row = {"label": label, "run": run_dir, "partition": [part.ref, part.chunks, part.chunk, part.micro],
-           "solver": smp.solver, **speed, **score(clips, params, part.chunk, args.seed + 1)}
+           **speed, **score(clips, params, part.chunk, args.seed + 1)}
     long, _ = stream_run(run, args.long_streams, args.long_frames, args.seed + 2, partition, solver)
     w = args.window
     early = score(long[:, :w], params, part.chunk, args.seed + 3)

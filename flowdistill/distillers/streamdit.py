@@ -104,9 +104,7 @@ class StreamDiTConfig(DistillerConfig):
         if not 0.0 <= self.ref_noise < 1.0 or self.ref_noise_sample >= 1.0:
             raise ConfigError(f"distiller.ref_noise must be in [0, 1) and distiller.ref_noise_sample < 1, "
                               f"got {self.ref_noise}, {self.ref_noise_sample}")
-        if self.sample_solver not in SOLVERS:
-            raise ConfigError(f"distiller.sample_solver must be one of {', '.join(SOLVERS)}, "
-                              f"got {self.sample_solver!r}")
+        check_solver("distiller.sample_solver", self.sample_solver)
         if not 0.0 <= self.ref_recycle < 1.0 or not 0.0 <= self.ref_recycle_share <= 1.0:
             raise ConfigError(f"distiller.ref_recycle must be in [0, 1) and distiller.ref_recycle_share in "
                               f"[0, 1], got {self.ref_recycle}, {self.ref_recycle_share}")
@@ -140,6 +138,12 @@ class StreamDiTConfig(DistillerConfig):
     def sampling_partition(self) -> Partition:
         """The partition the sampler streams with (``sample_partition``, else the first)."""
         return self.partition(list(self.sample_partition) or list(self.partitions[0]))
+
+
+def check_solver(key: str, name: str) -> None:
+    """``name`` must be one of the streaming sampler's solvers (``euler``, ``heun``)."""
+    if name not in SOLVERS:
+        raise ConfigError(f"{key} must be one of {', '.join(SOLVERS)}, got {name!r}")
 
 
 def per_frame_loss(metric, pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
@@ -350,4 +354,4 @@ class StreamDiT(_StreamingMixin, Distiller):
         return self._stream_sample(noise, model)
 
 
-__all__ = ["StreamDiT", "StreamDiTConfig", "per_frame_loss"]
+__all__ = ["StreamDiT", "StreamDiTConfig", "check_solver", "per_frame_loss"]

@@ -38,9 +38,8 @@ from torch import Tensor, nn
 
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.stream_schedule import buffer_levels
-from flowdistill.core.streaming import SOLVERS
 from flowdistill.distillers.base import register_distiller
-from flowdistill.distillers.streamdit import StreamDiT, StreamDiTConfig, per_frame_loss
+from flowdistill.distillers.streamdit import StreamDiT, StreamDiTConfig, check_solver, per_frame_loss
 from flowdistill.errors import ConfigError
 
 STATES = ("data", "teacher")
@@ -67,9 +66,7 @@ class StreamDiTDistillConfig(StreamDiTConfig):
             raise ConfigError(f"distiller.states must be one of {', '.join(STATES)}, got {self.states!r}")
         if self.pool_size < 1 or self.pool_refresh < 1:
             raise ConfigError("distiller.pool_size and distiller.pool_refresh must be >= 1")
-        if self.teacher_solver not in SOLVERS:
-            raise ConfigError(f"distiller.teacher_solver must be one of {', '.join(SOLVERS)}, "
-                              f"got {self.teacher_solver!r}")
+        check_solver("distiller.teacher_solver", self.teacher_solver)
 
 
 
