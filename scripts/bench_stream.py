@@ -11,8 +11,14 @@ evaluations a step, unless the row says Euler):
   (``configs/streamdit_mixed.yaml``), streamed with [c, s] = [2, 4]; the mixed teacher also with
   Euler (16 evaluations a pass), where long streams lose their digits;
 * ``distilled student`` (``configs/streamdit_distill.yaml``, 4 Heun micro-steps as the target): one
-  call per chunk interval; and the student of the earlier Euler target (the target ablation);
-* ``mixed partitions + error recycling`` (``configs/streamdit_recycle.yaml``).
+  call per chunk interval; and the student of the earlier Euler target and the student of the
+  consistency objective (``configs/streamdit_distill_consistency.yaml``): the target ablations;
+* ``mixed partitions + error recycling`` (``configs/streamdit_recycle.yaml``);
+* ``mixed partitions, [4, 4]``: the mixed teacher streamed with N = 2 chunks of 4 frames (the
+  partition that keeps its digits over 512 frames), and its student
+  (``configs/streamdit_distill_c4.yaml``, 2 calls a pass);
+* ``diagonal (c = s = 1)`` (``configs/streamdit_diagonal.yaml``): the rolling limiting case, one
+  frame per chunk, one grid step per chunk interval.
 
 For each: ``--streams`` streams of ``--frames`` frames (≥ 1000 frames in all) scored by
 :func:`flowdistill.eval.video_metrics.video_report` against as many real frames (test-split
@@ -46,12 +52,18 @@ ROWS = (("baseline: non-overlapping chunks, mixed model", "runs/streamdit_mixed"
          "heun"),
         ("single partition", "runs/streamdit_single", None, "heun"),
         ("mixed partitions, Euler", "runs/streamdit_mixed", None, "euler"),
-        ("mixed partitions", "runs/streamdit_mixed", None, "heun"),
+        ("mixed partitions", "runs/streamdit_mixed", (2, 4), "heun"),
         ("distilled student", "runs/streamdit_distill", None, None),
+        ("mixed partitions, [4, 4]", "runs/streamdit_mixed", (4, 4), "heun"),
+        ("distilled student, [4, 4]", "runs/streamdit_distill_c4", None, None),
+        ("diagonal (c = s = 1)", "runs/streamdit_diagonal", None, "heun"),
         ("distilled student, Euler target", "runs/streamdit_distill_euler", None, None),
+        ("distilled student, consistency objective", "runs/streamdit_distill_consistency", None, None),
         ("mixed partitions + error recycling", "runs/streamdit_recycle", None, "heun"))
 #: GIF file per row label (the README's teacher / student streams).
-GIFS = {"mixed partitions": "stream_teacher.gif", "distilled student": "stream_student.gif"}
+GIFS = {"mixed partitions": "stream_teacher.gif", "distilled student": "stream_student.gif",
+        "mixed partitions, [4, 4]": "stream_teacher_c4.gif",
+        "distilled student, [4, 4]": "stream_student_c4.gif"}
 
 
 def boundaries(frames: int, chunk: int) -> torch.Tensor:

@@ -26,6 +26,24 @@ curvature over the interval (small). States (``states``):
   streams, advanced one pass every ``pool_refresh`` steps), i.e. the states sampling meets,
   teacher errors included. Costs a rollout (not benchmarked yet: docs/streamdit.md).
 
+Objective (``objective``):
+
+* ``"multistep"`` (default): the regression above, ``s`` teacher micro-steps per target
+  (``2s`` teacher calls with Heun).
+* ``"consistency"``: a consistency-distillation target for the same map (the flow-map form of
+  LCM / Hyper-SD, METHODS.md §3, here per frame on the staircase). A micro-step ``m ~ U{0..s−1}`` is
+  drawn per sample, the state is noised data at the levels of micro-step ``m``, the teacher takes
+  *one* micro-step and the target network ``θ⁻`` (:class:`~flowdistill.core.targets.TargetNetwork`)
+  covers the rest:
+
+      X_{m+1} = Solver_teacher(X_m),   X_T = X_{m+1} + (s⃗ − t⃗_{m+1})·u_θ⁻(X_{m+1}, t⃗_{m+1}, s⃗),
+      L = mean_{f ≥ K} ‖u_θ(X_m, t⃗_m, s⃗)_f − sg((X_T − X_m)_f/(s_f − t_{m,f}))‖²,
+
+  so the student learns every map ``m → s`` of the interval (at ``m = s − 1`` the target is the
+  teacher's step alone) at one teacher micro-step per target instead of ``s``. Its error compounds
+  through ``θ⁻`` where the multistep target's does not; docs/streamdit.md has the ablation.
+  Data states only.
+
 Sampling: :class:`~flowdistill.core.streaming.StreamingSampler` with ``steps_per_call = s``.
 """
 
@@ -38,11 +56,13 @@ from torch import Tensor, nn
 
 from flowdistill.core.rng import StepRNG
 from flowdistill.core.stream_schedule import buffer_levels
+from flowdistill.core.targets import TARGET_MODES, TargetNetwork
 from flowdistill.distillers.base import register_distiller
 from flowdistill.distillers.streamdit import StreamDiT, StreamDiTConfig, check_solver, per_frame_loss
 from flowdistill.errors import ConfigError
 
 STATES = ("data", "teacher")
+OBJECTIVES = ("multistep", "consistency")
 
 
 @dataclass
@@ -55,6 +75,9 @@ class StreamDiTDistillConfig(StreamDiTConfig):
     pool_size: int = 64  # states="teacher": streams kept in the pool
     pool_refresh: int = 20  # states="teacher": steps between advancing the pool one pass
     teacher_solver: str = "euler"  # the teacher's micro-step solver in the target: euler | heun
+    objective: str = "multistep"  # multistep | consistency (see the module docstring)
+    target: str = "ema"  # objective=consistency: θ⁻ is the online student or an EMA copy
+    target_decay: float = 0.95  # target=ema: θ⁻ ← d·θ⁻ + (1 − d)·θ after each step
 
     def validate(self) -> None:
         """As the teacher's, plus: exactly one partition; a known state source."""
@@ -67,7 +90,17 @@ class StreamDiTDistillConfig(StreamDiTConfig):
         if self.pool_size < 1 or self.pool_refresh < 1:
             raise ConfigError("distiller.pool_size and distiller.pool_refresh must be >= 1")
         check_solver("distiller.teacher_solver", self.teacher_solver)
-
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"distiller.objective must be one of {', '.join(OBJECTIVES)}, "
+                              f"got {self.objective!r}")
+        if self.objective == "consistency" and self.states != "data":
+            raise ConfigError("distiller.objective: consistency draws its states from data (states: data), "
+                              f"got states: {self.states}")
+        if self.target not in TARGET_MODES:
+            raise ConfigError(f"distiller.target must be one of {', '.join(TARGET_MODES)}, "
+                              f"got {self.target!r}")
+        if not 0.0 <= self.target_decay <= 1.0:
+            raise ConfigError(f"distiller.target_decay must be in [0, 1], got {self.target_decay}")
 
 
 @register_distiller("streamdit_distill")
@@ -87,6 +120,9 @@ class StreamDiTDistill(StreamDiT):
             raise ConfigError("streamdit_distill needs a two-time student u(x, t, s) (model two_time=true)")
         self.part = self.parts[0]
         self._pool: Tensor | None = None  # states="teacher": the pool of buffers at m = 0
+        #: objective=consistency: θ⁻ (an EMA copy is checkpointed with the distiller)
+        self.target = (TargetNetwork(student, cfg.target, cfg.target_decay)
+                       if cfg.objective == "consistency" and not inference_only else None)
 
     def micro_levels(self) -> Tensor:
         """Per-frame levels ``[s + 1, B]`` of one streaming interval: micro-steps ``m = 0..s``
@@ -165,6 +201,8 @@ class StreamDiTDistill(StreamDiT):
         cond = batch.get("cond")
         b = x.shape[0]
         seq = self.segments(b, rng).to(x.device, x.dtype)  # [b, s + 1, B]
+        if self.cfg.objective == "consistency":
+            return self._consistency_loss(x, seq, cond, rng)
         t, s = seq[:, 0], seq[:, -1]
         if self.cfg.states == "data":
             x_t = self.start_states(x, t, rng)
@@ -184,6 +222,43 @@ class StreamDiTDistill(StreamDiT):
             x_student = x_t + bcast_frames(gap, x_t) * u
             err = per_frame_loss(self.premetric, x_student, x_target, weights)
         return {"loss": loss, "x_err": err}
+
+    def _consistency_loss(self, x: Tensor, seq: Tensor, cond: Tensor | None,
+                          rng: StepRNG) -> dict[str, Tensor]:
+        """``objective="consistency"``: from micro-step ``m ~ U{0..s−1}`` one teacher micro-step,
+        then ``θ⁻`` to the interval's end (module docstring). ``seq [b, s + 1, B]``."""
+        b, s_micro = x.shape[0], seq.shape[1] - 1
+        m = rng.randint(s_micro, b).to(x.device)
+        rows = torch.arange(b, device=x.device)
+        t_m, t_next, end = seq[rows, m], seq[rows, m + 1], seq[:, -1]
+        x_m = self.start_states(x, t_m, rng)
+        levels = torch.stack([t_m, t_next, end], dim=1)  # [b, 3, B]; references: level r throughout
+        x_m, levels = self.noised_reference_view(x_m, levels, rng)
+        t_m, end = levels[:, 0], levels[:, 2]
+        x_target = self.consistency_target(x_m, levels[:, :2], end, cond)
+        gap = end - t_m
+        safe = torch.where(gap.abs() > 0, gap, torch.ones_like(gap))
+        u_target = (x_target - x_m) / bcast_frames(safe, x_m)
+        u = self.net("student")(x_m, t_m, end, cond=cond)
+        weights = self.frame_weights(t_m) * (gap != 0)
+        loss = per_frame_loss(self.premetric, u, u_target, weights)
+        with torch.no_grad():
+            err = per_frame_loss(self.premetric, x_m + bcast_frames(gap, x_m) * u, x_target, weights)
+        return {"loss": loss, "x_err": err}
+
+    @torch.no_grad()
+    def consistency_target(self, x_m: Tensor, pair: Tensor, end: Tensor, cond: Tensor | None) -> Tensor:
+        """``X_T = X_{m+1} + (s⃗ − t⃗_{m+1})·u_θ⁻(X_{m+1}, t⃗_{m+1}, s⃗)`` with ``X_{m+1}`` the teacher's
+        micro-step along ``pair [b, 2, B]`` (``= X_{m+1}`` where ``t_{m+1} = s``)."""
+        assert self.target is not None, "the consistency target needs a target network (training only)"
+        y = self.teacher_target(x_m, pair, cond)
+        rest = end - pair[:, 1]
+        return y + bcast_frames(rest, y) * self.target(y, pair[:, 1], end, cond=cond)
+
+    def after_step(self, step: int, group: str) -> None:
+        """EMA update of ``θ⁻`` after the student's step (``objective="consistency"``, ``target="ema"``)."""
+        if self.target is not None and group == "student":
+            self.target.update(self.student)
 
     @torch.no_grad()
     def _pool_states(self, x: Tensor, step: int, rng: StepRNG) -> Tensor:
