@@ -147,9 +147,9 @@ def test_reference_frames_carry_no_loss():
     assert torch.all(g[:, :2] == 0) and g[:, 2:].abs().sum() > 0
 
 
-def _distiller_pair(seed: int = 0) -> StreamDiTDistill:
+def _distiller_pair(seed: int = 0, **cfg_kw) -> StreamDiTDistill:
     """A fixed random teacher (weights drawn large enough that its field is curved) and the
-    two-time student started from it."""
+    two-time student started from it (``cfg_kw``: further distiller options)."""
     torch.manual_seed(seed)
     teacher = _tiny_net()
     with torch.no_grad():
@@ -159,7 +159,8 @@ def _distiller_pair(seed: int = 0) -> StreamDiTDistill:
     from flowdistill.models import init_from
 
     init_from(student, teacher)
-    cfg = StreamDiTDistillConfig(buffer_frames=6, ref_frames=2, partitions=[[2, 4]], warmup_share=0.0)
+    cfg = StreamDiTDistillConfig(buffer_frames=6, ref_frames=2, partitions=[[2, 4]], warmup_share=0.0,
+                                 **cfg_kw)
     cfg.validate()
     return StreamDiTDistill(cfg, student, teacher)
 

@@ -9,23 +9,12 @@ import torch
 from flowdistill.core.rng import StepRNG
 from flowdistill.distillers.streamdit_distill import StreamDiTDistill, StreamDiTDistillConfig
 from flowdistill.errors import ConfigError
-from flowdistill.models import init_from
-from tests.test_streamdit import CONFIGS, _clips, _tiny_net
+from tests.test_streamdit import CONFIGS, _clips, _distiller_pair, _tiny_net
 
 
-def _consistency_pair(target: str = "online", solver: str = "euler", seed: int = 0) -> StreamDiTDistill:
-    """A fixed curved random teacher and its two-time student, objective consistency."""
-    torch.manual_seed(seed)
-    teacher = _tiny_net()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.normal_(0, 0.15) if p.ndim > 1 else p.normal_(0, 0.05)
-    student = _tiny_net(two_time=True)
-    init_from(student, teacher)
-    cfg = StreamDiTDistillConfig(buffer_frames=6, ref_frames=2, partitions=[[2, 4]], warmup_share=0.0,
-                                 objective="consistency", target=target, teacher_solver=solver)
-    cfg.validate()
-    return StreamDiTDistill(cfg, student, teacher)
+def _consistency_pair(target: str = "online", solver: str = "euler") -> StreamDiTDistill:
+    """The curved random teacher of tests/test_streamdit.py and its student, objective consistency."""
+    return _distiller_pair(objective="consistency", target=target, teacher_solver=solver)
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])

@@ -211,14 +211,19 @@ class StreamDiTDistill(StreamDiT):
             seq = self.micro_levels()[None].expand(b, -1, -1).to(x)
         x_t, seq = self.noised_reference_view(x_t, seq, rng)
         t, s = seq[:, 0], seq[:, -1]
-        x_target = self.teacher_target(x_t, seq, cond)
+        return self._regress(x_t, t, s, self.teacher_target(x_t, seq, cond), cond)
+
+    def _regress(self, x_t: Tensor, t: Tensor, s: Tensor, x_target: Tensor,
+                 cond: Tensor | None) -> dict[str, Tensor]:
+        """``‖u_θ(X_t, t⃗, s⃗) − sg((X_T − X_t)/(s⃗ − t⃗))‖²`` per frame (both objectives), and the
+        state error of one student call against ``X_T`` (``x_err``)."""
         gap = s - t
         safe = torch.where(gap.abs() > 0, gap, torch.ones_like(gap))  # frames that stay: s = t
         u_target = (x_target - x_t) / bcast_frames(safe, x_t)
         u = self.net("student")(x_t, t, s, cond=cond)
         weights = self.frame_weights(t) * (gap != 0)  # a frame that stays (u(x, t, t) = v) is no target
         loss = per_frame_loss(self.premetric, u, u_target, weights)
-        with torch.no_grad():  # the state error of one student call vs the teacher's s micro-steps
+        with torch.no_grad():
             x_student = x_t + bcast_frames(gap, x_t) * u
             err = per_frame_loss(self.premetric, x_student, x_target, weights)
         return {"loss": loss, "x_err": err}
@@ -235,16 +240,7 @@ class StreamDiTDistill(StreamDiT):
         levels = torch.stack([t_m, t_next, end], dim=1)  # [b, 3, B]; references: level r throughout
         x_m, levels = self.noised_reference_view(x_m, levels, rng)
         t_m, end = levels[:, 0], levels[:, 2]
-        x_target = self.consistency_target(x_m, levels[:, :2], end, cond)
-        gap = end - t_m
-        safe = torch.where(gap.abs() > 0, gap, torch.ones_like(gap))
-        u_target = (x_target - x_m) / bcast_frames(safe, x_m)
-        u = self.net("student")(x_m, t_m, end, cond=cond)
-        weights = self.frame_weights(t_m) * (gap != 0)
-        loss = per_frame_loss(self.premetric, u, u_target, weights)
-        with torch.no_grad():
-            err = per_frame_loss(self.premetric, x_m + bcast_frames(gap, x_m) * u, x_target, weights)
-        return {"loss": loss, "x_err": err}
+        return self._regress(x_m, t_m, end, self.consistency_target(x_m, levels[:, :2], end, cond), cond)
 
     @torch.no_grad()
     def consistency_target(self, x_m: Tensor, pair: Tensor, end: Tensor, cond: Tensor | None) -> Tensor:
